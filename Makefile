@@ -1,0 +1,42 @@
+# make demo   train a small model with learned quantizers, export, print a table
+# make test   lint + the whole test suite;  make test-quick skips slow tests
+# Both create .venv and install what they need on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-quick lint format overhead clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test,lite,plots]"
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m train.demo
+
+lint: install
+	$(PY) -m ruff check tfquant train export tests
+	$(PY) -m ruff format --check tfquant train export tests
+
+format: install
+	$(PY) -m ruff format tfquant train export tests
+	$(PY) -m ruff check --fix tfquant train export tests
+
+test: lint
+	$(PY) -m pytest -n 2 --durations=15 tests
+
+test-quick: lint
+	$(PY) -m pytest -n 2 -m "not slow" tests
+
+overhead: install
+	$(PY) -m pip install --quiet -e ".[baseline]"
+	$(PY) -m train.benchmark_overhead
+
+clean:
+	rm -rf $(VENV) demo_output

@@ -1,0 +1,9 @@
+"""tfquant: learned low-bit quantizers for Keras 3 and exact integer TFLite export."""
+
+from tfquant import layers, ops, quantizers
+from tfquant.quantize import quantize_model
+from tfquant.schemes import Scheme
+
+__version__ = "0.1.0"
+
+__all__ = ["Scheme", "layers", "ops", "quantize_model", "quantizers"]

@@ -1,0 +1,310 @@
+"""Quantized twins of Keras' Conv2D, DepthwiseConv2D and Dense, and
+QuantActivation.
+
+Each Quant layer takes exactly its Keras twin's arguments plus
+`kernel_quantizer=` (the weights) and `input_quantizer=` (the input tensor,
+used where no QuantActivation already produced it), each a quantizer name,
+config dict or `Quantizer`. With both None the layer is its Keras twin.
+
+>>> import keras
+>>> from tfquant.layers import QuantConv2D, QuantActivation
+>>> model = keras.Sequential([
+...     keras.Input((8, 8, 1)),
+...     QuantConv2D(8, 3, kernel_quantizer="qil", input_quantizer="minmax"),
+...     QuantActivation("relu", quantizer="qil"),
+... ])
+>>> model.output_shape
+(None, 6, 6, 8)
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from tfquant import quantizers
+
+_PACKAGE = "tfquant"
+
+
+class _QuantizedKernelMixin:
+    """Holds the two quantizers, builds them and adds them to the config."""
+
+    def _set_quantizers(self, kernel_quantizer, input_quantizer):
+        self.kernel_quantizer = quantizers.get(kernel_quantizer, signed=True, for_weights=True)
+        self.input_quantizer = quantizers.get(input_quantizer, signed=False, for_weights=False)
+
+    def _build_quantizers(self, input_shape):
+        if self.kernel_quantizer is not None and not self.kernel_quantizer.built:
+            self.kernel_quantizer.build(tuple(self.kernel.shape))
+        if self.input_quantizer is not None and not self.input_quantizer.built:
+            self.input_quantizer.build(tuple(input_shape))
+
+    def quantized_kernel(self, training=None):
+        """The kernel as the forward pass uses it."""
+        if self.kernel_quantizer is None:
+            return self.kernel
+        return self.kernel_quantizer(self.kernel, training=training)
+
+    def _quantize_input(self, inputs, training):
+        if self.input_quantizer is None:
+            return inputs
+        return self.input_quantizer(inputs, training=training)
+
+    def _add_bias_and_activation(self, outputs, bias_shape):
+        if self.use_bias:
+            outputs = ops.add(outputs, ops.reshape(self.bias, bias_shape))
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+    def _quantizer_config(self):
+        return {
+            "kernel_quantizer": _serialize(self.kernel_quantizer),
+            "input_quantizer": _serialize(self.input_quantizer),
+        }
+
+
+def _serialize(quantizer):
+    return None if quantizer is None else quantizers.serialize(quantizer)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QuantConv2D(_QuantizedKernelMixin, keras.layers.Conv2D):
+    """`keras.layers.Conv2D` with a quantized kernel and optionally a quantized input."""
+
+    def __init__(
+        self,
+        filters,
+        kernel_size,
+        strides=(1, 1),
+        padding="valid",
+        data_format=None,
+        dilation_rate=(1, 1),
+        groups=1,
+        activation=None,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        kernel_quantizer=None,
+        input_quantizer=None,
+        **kwargs,
+    ):
+        super().__init__(
+            filters=filters,
+            kernel_size=kernel_size,
+            strides=strides,
+            padding=padding,
+            data_format=data_format,
+            dilation_rate=dilation_rate,
+            groups=groups,
+            activation=activation,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            activity_regularizer=activity_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+            **kwargs,
+        )
+        self._set_quantizers(kernel_quantizer, input_quantizer)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self._build_quantizers(input_shape)
+
+    def call(self, inputs, training=None):
+        inputs = self._quantize_input(inputs, training)
+        outputs = self.convolution_op(inputs, self.quantized_kernel(training))
+        if self.data_format == "channels_last":
+            bias_shape = (1,) * (self.rank + 1) + (self.filters,)
+        else:
+            bias_shape = (1, self.filters) + (1,) * self.rank
+        return self._add_bias_and_activation(outputs, bias_shape)
+
+    def get_config(self):
+        return {**super().get_config(), **self._quantizer_config()}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QuantDepthwiseConv2D(_QuantizedKernelMixin, keras.layers.DepthwiseConv2D):
+    """`keras.layers.DepthwiseConv2D` with a quantized kernel and optionally a quantized input."""
+
+    def __init__(
+        self,
+        kernel_size,
+        strides=(1, 1),
+        padding="valid",
+        depth_multiplier=1,
+        data_format=None,
+        dilation_rate=(1, 1),
+        activation=None,
+        use_bias=True,
+        depthwise_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        depthwise_regularizer=None,
+        bias_regularizer=None,
+        activity_regularizer=None,
+        depthwise_constraint=None,
+        bias_constraint=None,
+        kernel_quantizer=None,
+        input_quantizer=None,
+        **kwargs,
+    ):
+        super().__init__(
+            kernel_size=kernel_size,
+            strides=strides,
+            padding=padding,
+            depth_multiplier=depth_multiplier,
+            data_format=data_format,
+            dilation_rate=dilation_rate,
+            activation=activation,
+            use_bias=use_bias,
+            depthwise_initializer=depthwise_initializer,
+            bias_initializer=bias_initializer,
+            depthwise_regularizer=depthwise_regularizer,
+            bias_regularizer=bias_regularizer,
+            activity_regularizer=activity_regularizer,
+            depthwise_constraint=depthwise_constraint,
+            bias_constraint=bias_constraint,
+            **kwargs,
+        )
+        self._set_quantizers(kernel_quantizer, input_quantizer)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self._build_quantizers(input_shape)
+
+    def call(self, inputs, training=None):
+        inputs = self._quantize_input(inputs, training)
+        channels = self._get_input_channel(inputs.shape) * self.depth_multiplier
+        outputs = ops.depthwise_conv(
+            inputs,
+            self.quantized_kernel(training),
+            strides=self.strides,
+            padding=self.padding,
+            dilation_rate=self.dilation_rate,
+            data_format=self.data_format,
+        )
+        if self.data_format == "channels_last":
+            bias_shape = (1,) * (self.rank + 1) + (channels,)
+        else:
+            bias_shape = (1, channels) + (1,) * self.rank
+        return self._add_bias_and_activation(outputs, bias_shape)
+
+    def get_config(self):
+        return {**super().get_config(), **self._quantizer_config()}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QuantDense(_QuantizedKernelMixin, keras.layers.Dense):
+    """`keras.layers.Dense` with a quantized kernel and optionally a quantized input."""
+
+    def __init__(
+        self,
+        units,
+        activation=None,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        lora_rank=None,
+        lora_alpha=None,
+        quantization_config=None,
+        kernel_quantizer=None,
+        input_quantizer=None,
+        **kwargs,
+    ):
+        if lora_rank is not None or quantization_config is not None:
+            raise ValueError(
+                "QuantDense does not combine with Keras' own LoRA or quantization modes "
+                f"(got lora_rank={lora_rank!r}, quantization_config={quantization_config!r})"
+            )
+        super().__init__(
+            units=units,
+            activation=activation,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            activity_regularizer=activity_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+            **kwargs,
+        )
+        self._set_quantizers(kernel_quantizer, input_quantizer)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self._build_quantizers(input_shape)
+
+    def call(self, inputs, training=None):
+        inputs = self._quantize_input(inputs, training)
+        outputs = ops.matmul(inputs, self.quantized_kernel(training))
+        return self._add_bias_and_activation(outputs, (self.units,))
+
+    def get_config(self):
+        return {**super().get_config(), **self._quantizer_config()}
+
+
+_SUPPORTED_ACTIVATIONS = ("linear", "relu", "relu6", "softmax")
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QuantActivation(keras.layers.Layer):
+    """An activation followed by a quantizer.
+
+    When the activation is ReLU and the quantizer already maps every
+    negative input to 0 (`quantizer.clips_negative`), the ReLU is skipped:
+    same output, one pass over the tensor fewer.
+
+    Args:
+      activation: "relu", "relu6", "linear" or "softmax".
+      quantizer: a quantizer name, config dict or `Quantizer` (unsigned
+        by default after relu/relu6/softmax, signed after linear).
+    """
+
+    def __init__(self, activation="relu", quantizer="minmax", **kwargs):
+        super().__init__(**kwargs)
+        name = activation if isinstance(activation, str) else getattr(activation, "__name__", "")
+        name = name or "linear"
+        if name not in _SUPPORTED_ACTIVATIONS:
+            raise ValueError(
+                f"QuantActivation supports activations {_SUPPORTED_ACTIVATIONS}, got {activation!r}"
+            )
+        self.activation_name = name
+        self.activation = keras.activations.get(name)
+        self.quantizer = quantizers.get(quantizer, signed=(name == "linear"))
+        if self.quantizer is None:
+            raise ValueError("QuantActivation needs a quantizer, got None")
+        self._skip_activation = name == "relu" and self.quantizer.clips_negative
+
+    def build(self, input_shape):
+        if not self.quantizer.built:
+            self.quantizer.build(tuple(input_shape))
+        self.built = True
+
+    def call(self, inputs, training=None):
+        if not self._skip_activation:
+            inputs = self.activation(inputs)
+        return self.quantizer(inputs, training=training)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(activation=self.activation_name, quantizer=_serialize(self.quantizer))
+        return config

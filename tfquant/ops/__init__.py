@@ -1,0 +1,16 @@
+"""Pure TensorFlow math shared by every quantizer: no Keras, no state."""
+
+from tfquant.ops.fake_quant import (
+    fake_quant_unsigned,
+    fake_quant_unsigned_with_gradient_terms,
+    int8_range_for_unsigned_codes,
+)
+from tfquant.ops.rounding import round_half_away, round_ste
+
+__all__ = [
+    "fake_quant_unsigned",
+    "fake_quant_unsigned_with_gradient_terms",
+    "int8_range_for_unsigned_codes",
+    "round_half_away",
+    "round_ste",
+]

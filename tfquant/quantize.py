@@ -1,0 +1,334 @@
+"""`quantize_model`: a trained float Keras model to its quantized twin.
+
+Walks the model's graph once, replacing Conv2D/DepthwiseConv2D/Dense by
+their Quant twins and each ReLU by a `QuantActivation`, and inserting an
+8-bit requantization wherever an integer kernel would otherwise receive an
+unquantized tensor (the model input, Add inputs and outputs, averages, the
+logits). Weights are copied; every quantizer is initialized from the float
+kernel it quantizes, and activation quantizers from a calibration batch run
+through the partly quantized model, in graph order, so that each one sees
+the error of the quantizers before it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfquant import quantizers
+from tfquant.layers import QuantActivation, QuantConv2D, QuantDense, QuantDepthwiseConv2D
+from tfquant.schemes import Scheme
+
+_L = keras.layers
+_KERNEL_LAYERS = {
+    _L.Conv2D: QuantConv2D,
+    _L.DepthwiseConv2D: QuantDepthwiseConv2D,
+    _L.Dense: QuantDense,
+}
+# Layers whose output stays on the grid of their input.
+_GRID_PRESERVING = (_L.MaxPooling2D, _L.Flatten, _L.Dropout, _L.ZeroPadding2D, _L.Reshape)
+_SUPPORTED = (
+    _L.InputLayer,
+    _L.Conv2D,
+    _L.DepthwiseConv2D,
+    _L.Dense,
+    _L.BatchNormalization,
+    _L.ReLU,
+    _L.Activation,
+    _L.AveragePooling2D,
+    _L.GlobalAveragePooling2D,
+    _L.Add,
+) + _GRID_PRESERVING
+_QUANT_LAYERS = (QuantConv2D, QuantDepthwiseConv2D, QuantDense, QuantActivation)
+
+
+def quantize_model(
+    model: keras.Model,
+    scheme: Any = "qil_w4a4",
+    calibration_data=None,
+    calibration_samples: int = 512,
+) -> keras.Model:
+    """Converts a trained float model into a quantized model.
+
+    Args:
+      model: a built Sequential or Functional model made of Conv2D,
+        DepthwiseConv2D, Dense, BatchNormalization, ReLU, Activation (relu,
+        linear, softmax), pooling, Add, Flatten, Dropout, ZeroPadding2D,
+        Reshape.
+      scheme: a `Scheme`, a dict of its fields, or a preset name such as
+        "qil_w4a4" or "lsq_w2a2".
+      calibration_data: inputs (a NumPy array, or a `tf.data.Dataset` of
+        inputs or (input, label) pairs) used to initialize the activation
+        quantizers. Without it they keep their default ranges.
+      calibration_samples: how many samples of `calibration_data` to use.
+
+    Returns:
+      A new functional model; the float model is left untouched.
+
+    Raises:
+      ValueError: a layer the converter does not know (named in the error),
+        an already quantized model, or an invalid scheme.
+
+    >>> import keras
+    >>> float_model = keras.Sequential([keras.Input((8, 8, 1)),
+    ...     keras.layers.Conv2D(4, 3, activation="relu"), keras.layers.Flatten(),
+    ...     keras.layers.Dense(10)])
+    >>> qmodel = quantize_model(float_model, "lsq_w4a4")
+    >>> [type(l).__name__ for l in qmodel.layers][1:3]
+    ['QuantConv2D', 'QuantActivation']
+    """
+    scheme = Scheme.from_any(scheme)
+    functional = _as_functional(model)
+    graph = _Graph(functional)
+    builder = _Builder(scheme, graph)
+    qmodel = keras.models.clone_model(
+        functional, clone_function=builder.clone, call_function=builder.call
+    )
+    builder.copy_weights()
+    if calibration_data is not None:
+        builder.calibrate(qmodel, _calibration_array(calibration_data, calibration_samples))
+    elif builder.activation_quantizers:
+        warnings.warn(
+            "quantize_model got no calibration_data: activation quantizers keep their "
+            "default ranges until training adjusts them",
+            stacklevel=2,
+        )
+    return qmodel
+
+
+def _as_functional(model) -> keras.Model:
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"quantize_model needs a keras.Model, got {type(model).__name__}")
+    if isinstance(model, keras.Sequential):
+        if not model.built or not model.inputs:
+            raise ValueError(
+                f"Sequential model {model.name!r} has no defined input; start it with "
+                "keras.Input(shape) or build it before quantizing"
+            )
+        inputs = keras.Input(batch_shape=model.inputs[0].shape, name="input")
+        x = inputs
+        for layer in model.layers:
+            x = layer(x)
+        return keras.Model(inputs, x, name=model.name)
+    if not hasattr(model, "_operations") or not model.inputs:
+        raise ValueError(
+            f"quantize_model supports Sequential and Functional models; {model.name!r} is a "
+            f"subclassed {type(model).__name__}"
+        )
+    return model
+
+
+class _Graph:
+    """The float model's layers, their consumers, and the output layers."""
+
+    def __init__(self, model: keras.Model):
+        self.model = model
+        self.consumers: dict[int, list] = {}
+        seen = set()
+        stack = list(model.outputs)
+        while stack:
+            tensor = stack.pop()
+            operation, node_index, _ = tensor._keras_history
+            key = (id(operation), node_index)
+            if key in seen:
+                continue
+            seen.add(key)
+            node = operation._inbound_nodes[node_index]
+            for parent in node.input_tensors:
+                self.consumers.setdefault(id(parent._keras_history.operation), []).append(operation)
+                stack.append(parent)
+        self.output_layers = {id(t._keras_history.operation) for t in model.outputs}
+        for layer in model.layers:
+            if isinstance(layer, _QUANT_LAYERS):
+                raise ValueError(
+                    f"model {model.name!r} is already quantized (layer {layer.name!r} is a "
+                    f"{type(layer).__name__})"
+                )
+            if not isinstance(layer, _SUPPORTED) or not _supported_configuration(layer):
+                raise ValueError(
+                    f"quantize_model cannot quantize layer {layer.name!r} of type "
+                    f"{type(layer).__name__}{_describe(layer)}; supported: "
+                    + ", ".join(sorted({c.__name__ for c in _SUPPORTED}))
+                    + " (activations relu, linear, softmax)"
+                )
+        kernel_layers = [
+            layer for layer in model.layers if isinstance(layer, tuple(_KERNEL_LAYERS))
+        ]
+        if not kernel_layers:
+            raise ValueError(f"model {model.name!r} has no Conv2D, DepthwiseConv2D or Dense layer")
+        self.first, self.last = kernel_layers[0], kernel_layers[-1]
+
+    def feeds_only_relu(self, layer) -> bool:
+        consumers = self.consumers.get(id(layer), [])
+        return len(consumers) == 1 and _activation_name(consumers[0]) == "relu"
+
+
+def _activation_name(layer) -> str | None:
+    if isinstance(layer, _L.ReLU):
+        return "relu"
+    if isinstance(layer, _L.Activation):
+        return _name_of(layer.activation)
+    return None
+
+
+def _name_of(activation) -> str:
+    name = getattr(activation, "__name__", str(activation))
+    return "linear" if name in ("linear", "None") else name
+
+
+def _supported_configuration(layer) -> bool:
+    if isinstance(layer, _L.ReLU):
+        config = layer.get_config()
+        return (
+            config.get("max_value") is None
+            and not config.get("negative_slope")
+            and not config.get("threshold")
+        )
+    if isinstance(layer, (_L.Activation, *_KERNEL_LAYERS)):
+        return _name_of(layer.activation) in ("linear", "relu", "softmax")
+    return True
+
+
+def _describe(layer) -> str:
+    if isinstance(layer, (_L.Activation, *_KERNEL_LAYERS)):
+        return f" with activation {_name_of(layer.activation)!r}"
+    return ""
+
+
+class _Builder:
+    """The clone and call functions for `keras.models.clone_model`."""
+
+    def __init__(self, scheme: Scheme, graph: _Graph):
+        self.scheme = scheme
+        self.graph = graph
+        self.old_for_new: dict[int, Any] = {}
+        self.pairs: list[tuple[Any, Any]] = []
+        self.inline_activation: dict[int, str] = {}
+        self.on_grid: set[int] = set()
+        self.activation_quantizers: list[tuple[quantizers.Quantizer, Any]] = []
+
+    # -- quantizer factories
+    def _quantizer(self, spec, bits, signed, for_weights=False):
+        quantizer = quantizers.get(spec, signed=signed, for_weights=for_weights)
+        config = quantizer.get_config()
+        config.update(bits=bits, signed=signed)
+        if "for_weights" in config:
+            config["for_weights"] = for_weights
+        config.pop("name", None)
+        return type(quantizer).from_config(config)
+
+    def _requantizer(self):
+        return self._quantizer(self.scheme.requantize, 8, signed=True)
+
+    def _requantize(self, tensor):
+        layer = QuantActivation("linear", quantizer=self._requantizer())
+        return self._call_activation(layer, tensor)
+
+    def _call_activation(self, layer, tensor):
+        self.activation_quantizers.append((layer.quantizer, tensor))
+        out = layer(tensor)
+        self.on_grid.add(id(out))
+        return out
+
+    # -- clone_function
+    def clone(self, layer):
+        scheme = self.scheme
+        quant_class = next((q for f, q in _KERNEL_LAYERS.items() if type(layer) is f), None)
+        if quant_class is not None:
+            config = layer.get_config()
+            config["activation"] = "linear"
+            bits = scheme.resolved_weight_bits
+            if scheme.first_last_bits and layer in (self.graph.first, self.graph.last):
+                bits = scheme.first_last_bits
+            config["kernel_quantizer"] = self._quantizer(
+                scheme.weights, bits, signed=True, for_weights=True
+            )
+            new = quant_class.from_config(config)
+            self.inline_activation[id(new)] = _name_of(layer.activation)
+        elif _activation_name(layer) == "relu":
+            quantizer = self._quantizer(
+                scheme.activations, scheme.resolved_activation_bits, signed=False
+            )
+            new = QuantActivation("relu", quantizer=quantizer, name=layer.name)
+        else:
+            new = layer.__class__.from_config(layer.get_config())
+        self.old_for_new[id(new)] = layer
+        self.pairs.append((layer, new))
+        return new
+
+    # -- call_function
+    def call(self, layer, *args, **kwargs):
+        old = self.old_for_new.get(id(layer))
+        if isinstance(layer, (QuantConv2D, QuantDepthwiseConv2D, QuantDense)):
+            x = args[0]
+            if id(x) not in self.on_grid:
+                layer.input_quantizer = self._requantizer()
+                self.activation_quantizers.append((layer.input_quantizer, x))
+            out = layer(x, *args[1:], **kwargs)
+            inline = self.inline_activation[id(layer)]
+            if inline == "relu":
+                quantizer = self._quantizer(
+                    self.scheme.activations, self.scheme.resolved_activation_bits, signed=False
+                )
+                out = self._call_activation(QuantActivation("relu", quantizer=quantizer), out)
+            elif inline == "softmax":
+                if self.scheme.quantize_output:
+                    out = self._requantize(out)
+                out = _L.Activation("softmax")(out)
+            elif self.scheme.quantize_output and id(old) in self.graph.output_layers:
+                out = self._requantize(out)
+            return out
+        if isinstance(layer, QuantActivation):
+            return self._call_activation(layer, args[0])
+        if isinstance(layer, _L.Add):
+            inputs = [t if id(t) in self.on_grid else self._requantize(t) for t in args[0]]
+            out = layer(inputs, **kwargs)
+            if not self.graph.feeds_only_relu(old):
+                out = self._requantize(out)
+            return out
+        out = layer(*args, **kwargs)
+        if isinstance(layer, _GRID_PRESERVING) and args and id(args[0]) in self.on_grid:
+            self.on_grid.add(id(out))
+        return out
+
+    # -- weights
+    def copy_weights(self):
+        for old, new in self.pairs:
+            if isinstance(new, (QuantConv2D, QuantDepthwiseConv2D, QuantDense)):
+                kernel = np.asarray(old.kernel.numpy())
+                new.kernel.assign(kernel)
+                if old.use_bias:
+                    new.bias.assign(old.bias.numpy())
+                try:
+                    new.kernel_quantizer.initialize(kernel)
+                except ValueError as error:
+                    raise ValueError(f"layer {old.name!r}: {error}") from None
+            elif old.weights:
+                new.set_weights(old.get_weights())
+
+    def calibrate(self, qmodel, data):
+        for quantizer, tensor in self.activation_quantizers:
+            probe = keras.Model(qmodel.inputs, tensor)
+            values = probe.predict(data, batch_size=128, verbose=0)
+            quantizer.initialize(values)
+
+
+def _calibration_array(data, samples: int) -> np.ndarray:
+    if isinstance(data, tf.data.Dataset):
+        chunks, count = [], 0
+        for batch in data:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            x = np.asarray(x)
+            chunks.append(x)
+            count += len(x)
+            if count >= samples:
+                break
+        data = np.concatenate(chunks)
+    data = np.asarray(data, dtype=np.float32)
+    if not np.isfinite(data).all():
+        raise ValueError("calibration_data contains NaN or inf values")
+    return data[:samples]

@@ -1,0 +1,1 @@
+"""Training binaries and their library modules (data, models, recipes)."""
