@@ -143,6 +143,14 @@ class Quantizer(keras.layers.Layer):
         self.bits = int(bits)
         self.signed = bool(signed)
 
+    def __call__(self, inputs, *args, **kwargs):
+        # A kernel variable goes into tf.custom_gradient functions as a tensor:
+        # its gradient is then an output of the function, which is also what
+        # tf.distribute needs.
+        if isinstance(inputs, (tf.Variable, keras.Variable)):
+            inputs = tf.convert_to_tensor(inputs)
+        return super().__call__(inputs, *args, **kwargs)
+
     # Quantizers hold a handful of scalars; keep their math in float32 even
     # under mixed precision.
     def _param(self, name, shape=(), initializer="zeros", trainable=True, constraint=None, **kw):
