@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfquant import quantizers
+from tfquant import graph, quantizers
 from tfquant.layers import QuantActivation, QuantConv2D, QuantDense, QuantDepthwiseConv2D
 from tfquant.schemes import Scheme
 
@@ -83,8 +83,8 @@ def quantize_model(
     """
     scheme = Scheme.from_any(scheme)
     functional = _as_functional(model)
-    graph = _Graph(functional)
-    builder = _Builder(scheme, graph)
+    model_graph = _ModelGraph(functional)
+    builder = _Builder(scheme, model_graph)
     qmodel = keras.models.clone_model(
         functional, clone_function=builder.clone, call_function=builder.call
     )
@@ -122,26 +122,13 @@ def _as_functional(model) -> keras.Model:
     return model
 
 
-class _Graph:
+class _ModelGraph:
     """The float model's layers, their consumers, and the output layers."""
 
     def __init__(self, model: keras.Model):
         self.model = model
-        self.consumers: dict[int, list] = {}
-        seen = set()
-        stack = list(model.outputs)
-        while stack:
-            tensor = stack.pop()
-            operation, node_index, _ = tensor._keras_history
-            key = (id(operation), node_index)
-            if key in seen:
-                continue
-            seen.add(key)
-            node = operation._inbound_nodes[node_index]
-            for parent in node.input_tensors:
-                self.consumers.setdefault(id(parent._keras_history.operation), []).append(operation)
-                stack.append(parent)
-        self.output_layers = {id(t._keras_history.operation) for t in model.outputs}
+        self.consumers = graph.consumers_of(graph.nodes_in_order(model))
+        self.output_layers = {id(graph.producer(t)) for t in model.outputs}
         for layer in model.layers:
             if isinstance(layer, _QUANT_LAYERS):
                 raise ValueError(
@@ -202,9 +189,9 @@ def _describe(layer) -> str:
 class _Builder:
     """The clone and call functions for `keras.models.clone_model`."""
 
-    def __init__(self, scheme: Scheme, graph: _Graph):
+    def __init__(self, scheme: Scheme, model_graph: _ModelGraph):
         self.scheme = scheme
-        self.graph = graph
+        self.graph = model_graph
         self.old_for_new: dict[int, Any] = {}
         self.pairs: list[tuple[Any, Any]] = []
         self.inline_activation: dict[int, str] = {}
@@ -287,7 +274,11 @@ class _Builder:
         if isinstance(layer, _L.Add):
             inputs = [t if id(t) in self.on_grid else self._requantize(t) for t in args[0]]
             out = layer(inputs, **kwargs)
-            if not self.graph.feeds_only_relu(old):
+            # An Add feeding only a ReLU is quantized by that ReLU's quantizer,
+            # unless the quantizer subtracts an offset first: an Add has no
+            # bias to absorb it, so the sum gets its own 8-bit grid.
+            activation = quantizers.get(self.scheme.activations, signed=False)
+            if not self.graph.feeds_only_relu(old) or activation.may_have_offset:
                 out = self._requantize(out)
             return out
         out = layer(*args, **kwargs)

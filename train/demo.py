@@ -1,9 +1,10 @@
 """The demo: float CNN -> QIL W4A4 and LSQ W4A4 with model.fit, on scikit-learn's
-bundled digits (no download).
+bundled digits (no download), each exported to a verified integer TFLite file.
 
     python -m train.demo [--float_epochs=30] [--finetune_epochs=10] [--output_dir=DIR]
 
-Prints Keras progress, then a table: method, bits, test accuracy, training time.
+Prints Keras progress, then a table: method, bits, Keras and TFLite test
+accuracy, TFLite/Keras top-1 agreement, file size, training time.
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ import time
 
 from absl import app, flags
 
-_FLOAT_EPOCHS = flags.DEFINE_integer(
-    "float_epochs", 30, "Epochs for the float model.", lower_bound=1
-)
+_FLOAT_EPOCHS = flags.DEFINE_integer("float_epochs", 30, "Epochs of float training.", lower_bound=1)
 _FINETUNE_EPOCHS = flags.DEFINE_integer(
     "finetune_epochs", 10, "Epochs of quantization-aware fine-tuning per method.", lower_bound=1
 )
@@ -27,13 +26,15 @@ _METHODS = flags.DEFINE_list("methods", ["qil_w4a4", "lsq_w4a4"], "Schemes to fi
 
 
 def run_demo(float_epochs, finetune_epochs, batch_size, seed, output_dir, methods):
-    """Trains, quantizes, fine-tunes and evaluates; returns the table rows."""
+    """Trains, quantizes, fine-tunes, exports and verifies; returns the table rows."""
     import keras
 
     import tfquant
-    from train import data, models
+    from tfquant import datasets, lite
+    from tfquant.lite import verify
+    from train import models
 
-    dataset = data.load_arrays("digits")
+    dataset = datasets.load_arrays("digits")
     os.makedirs(output_dir, exist_ok=True)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -54,6 +55,11 @@ def run_demo(float_epochs, finetune_epochs, batch_size, seed, output_dir, method
         _, accuracy = model.evaluate(dataset.x_test, dataset.y_test, verbose=0)
         return float(accuracy), elapsed
 
+    def save(result, name):
+        path = os.path.join(output_dir, f"{name}.tflite")
+        lite.save_export(result, path)
+        return {"tflite": path, "size_kib": len(result.content) / 1024}
+
     keras.utils.set_random_seed(seed)
     print(
         f"== float small CNN on digits ({len(dataset.x_train)} train / "
@@ -61,16 +67,17 @@ def run_demo(float_epochs, finetune_epochs, batch_size, seed, output_dir, method
     )
     float_model = models.small_cnn(dataset.input_shape, dataset.num_classes)
     accuracy, elapsed = fit(float_model, float_epochs, 3e-3)
-    float_model.save(os.path.join(output_dir, "float.keras"))
-    rows = [
-        {
-            "method": "float",
-            "bits": "W32A32",
-            "accuracy": accuracy,
-            "train_seconds": elapsed,
-            "model": os.path.join(output_dir, "float.keras"),
-        }
-    ]
+    float_path = os.path.join(output_dir, "float.keras")
+    float_model.save(float_path)
+    print("== float model: standard full-integer post-training quantization, for comparison")
+    result = lite.export_model(
+        float_model, dataset.x_train[:256], post_training=True, min_agreement=0.0
+    )
+    raw, _ = verify.run_tflite(result.content, dataset.x_test)
+    row = {"method": "float", "bits": "W32A32", "accuracy": accuracy, "train_seconds": elapsed}
+    row.update(model=float_path, top1_agreement=None, **save(result, "float_ptq"))
+    row["tflite_accuracy"] = float((raw.argmax(axis=1) == dataset.y_test).mean())
+    rows = [row]
 
     for method in methods:
         keras.utils.set_random_seed(seed)
@@ -80,30 +87,45 @@ def run_demo(float_epochs, finetune_epochs, batch_size, seed, output_dir, method
         accuracy, elapsed = fit(qmodel, finetune_epochs, 1e-3)
         path = os.path.join(output_dir, f"{method}.keras")
         qmodel.save(path)
-        rows.append(
-            {
-                "method": str(scheme.activations).upper(),
-                "bits": f"W{scheme.resolved_weight_bits}A{scheme.resolved_activation_bits}",
-                "accuracy": accuracy,
-                "train_seconds": elapsed,
-                "model": path,
-            }
-        )
+        print(f"== {method}: export to integer TFLite, verified against Keras")
+        result = lite.export_model(qmodel, dataset.x_test, dataset.y_test)
+        print(lite.format_report(result.report))
+        verification = result.report["verification"]
+        row = {
+            "method": str(scheme.activations).upper(),
+            "bits": f"W{scheme.resolved_weight_bits}A{scheme.resolved_activation_bits}",
+            "accuracy": accuracy,
+            "train_seconds": elapsed,
+            "model": path,
+            "tflite_accuracy": verification["tflite_accuracy"],
+            "top1_agreement": verification["top1_agreement"],
+        }
+        row.update(save(result, method))
+        rows.append(row)
     return rows
 
 
 def format_table(rows) -> str:
-    lines = [f"{'method':<8} {'bits':<8} {'test acc':>9} {'train time':>11}", "-" * 39]
+    header = (
+        f"{'method':<7} {'bits':<7} {'Keras acc':>9} {'TFLite acc':>10} {'agreement':>9} "
+        f"{'size':>9} {'train time':>10}"
+    )
+    lines = [header, "-" * len(header)]
     for row in rows:
+        agreement = row.get("top1_agreement")
+        agreement = "-" if agreement is None else f"{100 * agreement:.2f}%"
         lines.append(
-            f"{row['method']:<8} {row['bits']:<8} {100 * row['accuracy']:>8.2f}% "
-            f"{row['train_seconds']:>10.1f}s"
+            f"{row['method']:<7} {row['bits']:<7} {100 * row['accuracy']:>8.2f}% "
+            f"{100 * row['tflite_accuracy']:>9.2f}% {agreement:>9} "
+            f"{row['size_kib']:>5.1f} KiB {row['train_seconds']:>9.1f}s"
         )
+    lines.append("float row, TFLite column: standard full-integer post-training quantization.")
     return "\n".join(lines)
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     rows = run_demo(
         _FLOAT_EPOCHS.value,
         _FINETUNE_EPOCHS.value,
@@ -112,10 +134,12 @@ def main(argv):
         _OUTPUT_DIR.value,
         _METHODS.value,
     )
-    table = format_table(rows)
-    print("\n" + table)
-    with open(os.path.join(_OUTPUT_DIR.value, "demo_results.json"), "w") as f:
-        json.dump(rows, f, indent=2)
+    print("\n" + format_table(rows))
+    from tfquant.lite import write_atomically
+
+    write_atomically(
+        os.path.join(_OUTPUT_DIR.value, "demo_results.json"), json.dumps(rows, indent=2)
+    )
 
 
 if __name__ == "__main__":

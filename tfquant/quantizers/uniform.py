@@ -283,7 +283,7 @@ class LSQQuantizer(Quantizer):
         return InferenceForm(
             bits=self.bits,
             signed=self.signed,
-            scale=np.float32(self.step.numpy()),
+            scale=np.float32(max(float(self.step.numpy()), 1e-8)),  # as call() clamps it
             code_min=-self.q_negative,
             code_max=self.q_positive,
         )
@@ -341,7 +341,7 @@ class PACTQuantizer(Quantizer):
         self.alpha.assign(mse_optimal_clip(np.maximum(values, 0), 2**self.bits - 1))
 
     def inference_form(self, weights=None):
-        step = float(self.alpha.numpy()) / (2**self.bits - 1)
+        step = max(float(self.alpha.numpy()), 1e-3) / (2**self.bits - 1)  # as call() clamps it
         return InferenceForm(
             bits=self.bits,
             signed=False,

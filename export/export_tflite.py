@@ -1,0 +1,116 @@
+"""Exports a quantized .keras model to a verified, fully integer .tflite file.
+
+    python -m export.export_tflite --model=qil_w4a4.keras --output=qil_w4a4.tflite \
+        --data=digits [--samples=2000] [--output_type=int8|float32] \
+        [--min_agreement=0.995] [--allow_mismatch] [--post_training]
+
+Writes OUTPUT, OUTPUT-without-extension.json and .txt (the report), each
+atomically, and only after verification against the Keras model passed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Defines the flags; called when run as a program, so that importing
+    `run` defines nothing global."""
+    flags.DEFINE_string("model", None, "Path of the .keras model.", required=True)
+    flags.DEFINE_string("output", None, "Path of the .tflite file to write.", required=True)
+    flags.DEFINE_string(
+        "data",
+        "digits",
+        "Verification (and post-training calibration) data: 'digits', "
+        "'npz:PATH[:SPLIT]' or a tensorflow-datasets name; its test split is used.",
+    )
+    flags.DEFINE_integer("samples", 2000, "How many test samples to verify on.", lower_bound=1)
+    flags.DEFINE_enum("output_type", "int8", ["int8", "float32"], "Type of the model output.")
+    flags.DEFINE_float(
+        "min_agreement",
+        0.995,
+        "Smallest top-1 agreement with Keras accepted.",
+        lower_bound=0.0,
+        upper_bound=1.0,
+    )
+    flags.DEFINE_bool("allow_mismatch", False, "Write the file even below --min_agreement.")
+    flags.DEFINE_bool(
+        "post_training",
+        False,
+        "The model is a float model: apply standard full-integer post-training quantization "
+        "with --data as representative data (the baseline).",
+    )
+
+
+def run(
+    model_path,
+    output_path,
+    data_spec,
+    samples,
+    output_type,
+    min_agreement,
+    allow_mismatch,
+    post_training,
+):
+    import keras
+
+    from tfquant import datasets, lite
+
+    directory = os.path.dirname(os.path.abspath(output_path))
+    if not os.path.isdir(directory):
+        raise lite.ExportError(f"output directory {directory!r} does not exist")
+    if not os.path.exists(model_path):
+        raise lite.ExportError(f"model file {model_path!r} does not exist")
+    try:
+        model = keras.models.load_model(model_path)
+    except Exception as error:  # corrupt zip, wrong format, unknown layers
+        raise lite.ExportError(f"cannot load {model_path!r} as a Keras model: {error}") from None
+    dataset = datasets.load_arrays(data_spec)
+    x, y = dataset.x_test[:samples], dataset.y_test[:samples]
+    if post_training:
+        x = dataset.x_train[:samples]
+        y = dataset.y_train[:samples]
+    print(f"exporting {model_path} -> {output_path}, verifying on {len(x)} samples of {data_spec}")
+    result = lite.export_model(
+        model,
+        x,
+        y,
+        output_type=output_type,
+        min_agreement=min_agreement,
+        allow_mismatch=allow_mismatch,
+        post_training=post_training,
+    )
+    lite.save_export(result, output_path)
+    print(lite.format_report(result.report))
+    return result.report
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from tfquant import lite
+
+    try:
+        run(
+            FLAGS.model,
+            FLAGS.output,
+            FLAGS.data,
+            FLAGS.samples,
+            FLAGS.output_type,
+            FLAGS.min_agreement,
+            FLAGS.allow_mismatch,
+            FLAGS.post_training,
+        )
+    except (lite.ExportError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,180 @@
+"""Integer TFLite export: exact weight codes, k-bit activations, agreement, bad input."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import tfquant
+from tfquant import lite
+from tfquant.datasets import load_arrays
+from tfquant.lite import inspect as lite_inspect
+
+L = keras.layers
+
+
+def _float_model(input_shape):
+    inputs = keras.Input(input_shape)
+    x = L.Conv2D(8, 3, padding="same", use_bias=False)(inputs)
+    x = L.BatchNormalization()(x)
+    x = L.ReLU()(x)
+    y = L.Conv2D(8, 3, padding="same", use_bias=False)(x)
+    y = L.BatchNormalization()(y)
+    x = L.ReLU()(L.Add()([x, y]))
+    x = L.DepthwiseConv2D(3, padding="same")(x)
+    x = L.BatchNormalization()(x)
+    x = L.ReLU()(x)
+    x = L.MaxPooling2D()(x)
+    x = L.Conv2D(16, 3, padding="same")(x)
+    x = L.ReLU()(x)
+    x = L.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, L.Dense(10)(x))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_arrays("digits")
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    keras.utils.set_random_seed(0)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model = _float_model(digits.input_shape)
+    model.compile(keras.optimizers.Adam(3e-3), loss)
+    model.fit(digits.x_train, digits.y_train, epochs=4, batch_size=64, verbose=0)
+    qmodel = tfquant.quantize_model(model, "qil_w4a4", calibration_data=digits.x_train[:256])
+    qmodel.compile(keras.optimizers.Adam(1e-3), loss)
+    qmodel.fit(digits.x_train, digits.y_train, epochs=1, batch_size=64, verbose=0)
+    return model, qmodel
+
+
+@pytest.fixture(scope="module")
+def exported(trained, digits):
+    return lite.export_model(trained[1], digits.x_test, digits.y_test)
+
+
+def test_fully_integer_with_int4_weights(exported):
+    assert lite_inspect.non_integer_ops(exported.content) == []
+    storage = [w["storage"] for w in exported.report["weights"]]
+    # First conv and the classifier at 8 bits, the rest at 4; the global average
+    # pooling is a depthwise convolution with 8-bit weights 1/(H*W).
+    assert storage == ["INT8", "INT4", "INT4", "INT4", "INT8", "INT8"]
+
+
+def test_weight_codes_read_back_exactly(trained, exported):
+    qmodel = trained[1]
+    lowered = lite.lower_model(qmodel)
+    reports = [r for r in lowered.layers if r.weight_bits]
+    tensors = [
+        t
+        for t in lite_inspect.weight_tensors(exported.content)
+        if not (t["op"] == "DEPTHWISE_CONV_2D" and np.all(t["values"] == 127))
+    ]
+    assert len(reports) == len(tensors)
+    for report, tensor in zip(reports, tensors, strict=True):
+        stored = tensor["values"].astype(np.int64)
+        if report.kind == "QuantConv2D":
+            stored = stored.transpose(1, 2, 3, 0)  # OHWI -> HWIO
+        elif report.kind == "QuantDepthwiseConv2D":
+            stored = stored.reshape(report.codes.shape)  # (1, H, W, C*M) -> HWCM
+        else:
+            stored = stored.T  # (out, in) -> (in, out)
+        # BatchNorm folding may flip a channel's sign (negative gamma), nothing else.
+        np.testing.assert_array_equal(np.abs(stored), np.abs(report.codes), err_msg=report.name)
+        expected = report.weight_scales[: tensor["scales"].size]  # Dense: one per tensor
+        np.testing.assert_allclose(tensor["scales"], expected, rtol=1e-5)
+
+
+def test_activation_codes_use_at_most_2_to_k_levels(trained, exported, digits):
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interp = Interpreter(
+        model_content=exported.content,
+        experimental_preserve_all_tensors=True,
+        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    )
+    detail = interp.get_input_details()[0]
+    x = digits.x_test[:64]
+    interp.resize_tensor_input(detail["index"], x.shape)
+    interp.allocate_tensors()
+    scale, zero_point = interp.get_input_details()[0]["quantization"]
+    interp.set_tensor(
+        detail["index"], np.clip(np.floor(x / scale + 0.5) + zero_point, -128, 127).astype(np.int8)
+    )
+    interp.invoke()
+    first_conv = interp._get_ops_details()[0]
+    assert first_conv["op_name"] == "CONV_2D"
+    values = interp.get_tensor(first_conv["outputs"][0])
+    assert 8 < len(np.unique(values)) <= 16  # a 4-bit activation inside int8
+    _, zp = interp.get_tensor_details()[first_conv["outputs"][0]]["quantization"]
+    assert zp == 128 - 16 and values.min() >= zp
+
+
+def test_agreement_with_keras(exported):
+    verification = exported.report["verification"]
+    assert verification["top1_agreement"] >= 0.99
+    assert verification["max_output_step_difference"] <= 16
+    assert abs(verification["tflite_accuracy"] - verification["keras_accuracy"]) <= 0.01
+
+
+def test_save_writes_model_and_reports(exported, tmp_path):
+    path = tmp_path / "m.tflite"
+    lite.save_export(exported, str(path))
+    assert path.read_bytes() == exported.content
+    assert "top-1 agreement" in (tmp_path / "m.txt").read_text()
+    assert '"verification"' in (tmp_path / "m.json").read_text()
+    assert sorted(os.listdir(tmp_path)) == ["m.json", "m.tflite", "m.txt"]  # no temporary left
+
+
+def test_float_model_needs_quantizers_or_post_training(trained, digits):
+    with pytest.raises(lite.ExportError, match="quantize_model.*post-training"):
+        lite.export_model(trained[0], digits.x_test[:32])
+    result = lite.export_model(
+        trained[0], digits.x_train[:64], post_training=True, min_agreement=0.0
+    )
+    assert lite_inspect.non_integer_ops(result.content) == []
+
+
+def test_unsupported_layer_is_named(trained):
+    qmodel = trained[1]
+    x = L.LayerNormalization(name="odd_norm")(qmodel.outputs[0])
+    with pytest.raises(lite.ExportError, match="'odd_norm'.*LayerNormalization"):
+        lite.lower_model(keras.Model(qmodel.inputs, x))
+
+
+def test_bits_above_8_rejected(trained):
+    qmodel = keras.models.clone_model(trained[1])
+    qmodel.set_weights(trained[1].get_weights())
+    layer = next(layer for layer in qmodel.layers if hasattr(layer, "kernel_quantizer"))
+    layer.kernel_quantizer.bits = 9
+    with pytest.raises(lite.ExportError, match="got 9"):
+        lite.lower_model(qmodel)
+
+
+def test_mismatch_refused_without_flag(trained, digits):
+    with pytest.raises(lite.ExportError, match="below the required"):
+        lite.export_model(trained[1], digits.x_test[:64], min_agreement=1.01)
+
+
+@pytest.mark.parametrize("case", ["missing_model", "corrupt_model", "missing_directory"])
+def test_binary_bad_input(tmp_path, trained, case):
+    from export import export_tflite
+
+    model_path = tmp_path / "m.keras"
+    output = tmp_path / "out.tflite"
+    if case == "corrupt_model":
+        model_path.write_bytes(b"not a zip file")
+    elif case == "missing_directory":
+        trained[1].save(model_path)
+        output = tmp_path / "nowhere" / "out.tflite"
+    messages = {
+        "missing_model": "does not exist",
+        "corrupt_model": "cannot load",
+        "missing_directory": "does not exist",
+    }
+    with pytest.raises(lite.ExportError, match=messages[case]):
+        export_tflite.run(str(model_path), str(output), "digits", 64, "int8", 0.995, False, False)
+    assert not output.exists()
+    assert not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())

@@ -1,0 +1,25 @@
+"""Exact integer TFLite export of quantized Keras models.
+
+>>> from tfquant import lite                                   # doctest: +SKIP
+>>> result = lite.export_model(qmodel, x_test[:2000], y_test[:2000])  # doctest: +SKIP
+>>> lite.save_export(result, "model.tflite")                   # doctest: +SKIP
+"""
+
+from tfquant.lite.export import (
+    ExportResult,
+    export_model,
+    format_report,
+    save_export,
+    write_atomically,
+)
+from tfquant.lite.lower import ExportError, lower_model
+
+__all__ = [
+    "ExportError",
+    "ExportResult",
+    "export_model",
+    "format_report",
+    "lower_model",
+    "save_export",
+    "write_atomically",
+]

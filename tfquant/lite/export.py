@@ -1,0 +1,190 @@
+"""Export: lower, convert, check, verify, then write atomically."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from tfquant import fileio
+from tfquant.lite import inspect as lite_inspect
+from tfquant.lite import verify
+from tfquant.lite.lower import ExportError, lower_model
+
+
+@dataclasses.dataclass
+class ExportResult:
+    content: bytes
+    report: dict
+
+
+def convert_lowered(lowered, output_type: str = "int8") -> bytes:
+    """Converts a lowered graph to a fully integer TFLite flatbuffer."""
+    concrete = lowered.function.get_concrete_function()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], lowered.function)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.int8 if output_type == "int8" else tf.float32
+    return converter.convert()
+
+
+def convert_post_training(model, representative: np.ndarray, output_type: str = "int8") -> bytes:
+    """Standard full-integer post-training quantization of a float model."""
+
+    def dataset():
+        for i in range(min(len(representative), 256)):
+            yield [representative[i : i + 1].astype(np.float32)]
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = dataset
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.int8 if output_type == "int8" else tf.float32
+    return converter.convert()
+
+
+def _has_quantizers(model) -> bool:
+    from tfquant.layers import QuantActivation, QuantConv2D, QuantDense, QuantDepthwiseConv2D
+
+    return any(
+        isinstance(layer, (QuantConv2D, QuantDepthwiseConv2D, QuantDense, QuantActivation))
+        for layer in model.layers
+    )
+
+
+def export_model(
+    model,
+    x: np.ndarray,
+    y: np.ndarray | None = None,
+    output_type: str = "int8",
+    min_agreement: float = 0.995,
+    allow_mismatch: bool = False,
+    post_training: bool = False,
+) -> ExportResult:
+    """Exports a quantized Keras model to integer TFLite and verifies it.
+
+    Args:
+      model: a quantized model (from `tfquant.quantize_model` or built from
+        tfquant layers), or a float model with `post_training=True`.
+      x, y: verification inputs (and labels, optional); with
+        `post_training` also the representative data.
+      output_type: "int8" or "float32".
+      min_agreement: smallest acceptable top-1 agreement with Keras.
+      allow_mismatch: return the model even below `min_agreement`.
+      post_training: the float baseline: standard post-training quantization.
+
+    Returns:
+      The flatbuffer and a report dict (per layer, size, verification).
+
+    Raises:
+      ExportError: the model cannot be lowered, the result is not fully
+        integer, or it disagrees with Keras.
+    """
+    if output_type not in ("int8", "float32"):
+        raise ExportError(f"output_type must be 'int8' or 'float32', got {output_type!r}")
+    quantized = _has_quantizers(model)
+    if post_training:
+        if quantized:
+            raise ExportError("--post_training is for float models; this model has quantizers")
+        content = convert_post_training(model, x, output_type)
+        layers = []
+    else:
+        if not quantized:
+            raise ExportError(
+                f"model {model.name!r} has no quantizers: quantize it with "
+                "tfquant.quantize_model(model, scheme) and fine-tune it, or export it with "
+                "post-training integer quantization (post_training=True / --post_training "
+                "with --data)"
+            )
+        lowered = lower_model(model)
+        content = convert_lowered(lowered, output_type)
+        layers = [layer.to_dict() for layer in lowered.layers]
+    problems = lite_inspect.non_integer_ops(content)
+    if problems:
+        raise ExportError("the converted model is not fully integer:\n  " + "\n  ".join(problems))
+    agreement = verify.compare(model, content, x, y)
+    report = {
+        "mode": "post_training" if post_training else "quantization_aware",
+        "output_type": output_type,
+        "size_bytes": len(content),
+        "layers": layers,
+        "weights": [
+            {"op": w["op"], "storage": w["storage"], "channels": int(w["scales"].size)}
+            for w in lite_inspect.weight_tensors(content)
+        ],
+        "verification": agreement.to_dict(),
+        "min_agreement": min_agreement,
+    }
+    if agreement.top1_agreement < min_agreement and not allow_mismatch:
+        raise ExportError(
+            f"top-1 agreement between TFLite and Keras is {100 * agreement.top1_agreement:.2f}% "
+            f"on {agreement.samples} samples, below the required {100 * min_agreement:.2f}% "
+            "(nothing written; pass allow_mismatch / --allow_mismatch to write it anyway)"
+        )
+    return ExportResult(content, report)
+
+
+def write_atomically(path: str, data: bytes | str) -> None:
+    """Writes to a temporary file in the same directory, then renames it."""
+    try:
+        fileio.write_atomically(path, data)
+    except FileNotFoundError as error:
+        raise ExportError(str(error)) from None
+
+
+def format_report(report: dict) -> str:
+    """The human-readable report written beside the .tflite file."""
+    lines = [
+        f"size: {report['size_bytes'] / 1024:.1f} KiB ({report['mode']}, "
+        f"{report['output_type']} output)"
+    ]
+    if report["layers"]:
+        lines.append(
+            f"{'layer':<28} {'kind':<22} {'w bits':>6} {'storage':>7} "
+            f"{'act bits':>8} {'act zp':>6}  scale(s)"
+        )
+        for layer in report["layers"]:
+            scales = layer.get("weight_scales") or (
+                [layer["activation_scale"]] if "activation_scale" in layer else []
+            )
+            shown = ", ".join(f"{s:.4g}" for s in scales[:3]) + (" ..." if len(scales) > 3 else "")
+            lines.append(
+                f"{layer['name']:<28} {layer['kind']:<22} {layer.get('weight_bits', ''):>6} "
+                f"{layer.get('weight_storage', ''):>7} {layer.get('activation_bits', ''):>8} "
+                f"{layer.get('activation_zero_point', ''):>6}  {shown}"
+            )
+    v = report["verification"]
+    lines.append(
+        f"verification on {v['samples']} samples: "
+        f"top-1 agreement {100 * v['top1_agreement']:.2f}%, "
+        f"identical output codes {100 * v['identical_output_codes']:.2f}%, max difference "
+        f"{v['max_output_step_difference']} step(s)"
+    )
+    if "tflite_accuracy" in v:
+        lines.append(
+            f"accuracy: Keras {100 * v['keras_accuracy']:.2f}%, "
+            f"TFLite {100 * v['tflite_accuracy']:.2f}%"
+        )
+    return "\n".join(lines)
+
+
+def save_export(result: ExportResult, output_path: str) -> None:
+    """Writes the .tflite file, `<output>.json` and `<output>.txt`, each atomically."""
+    base = os.path.splitext(output_path)[0]
+    write_atomically(output_path, result.content)
+    write_atomically(base + ".json", json.dumps(result.report, indent=2))
+    write_atomically(base + ".txt", format_report(result.report) + "\n")
+
+
+__all__ = [
+    "ExportError",
+    "ExportResult",
+    "export_model",
+    "format_report",
+    "save_export",
+    "write_atomically",
+]

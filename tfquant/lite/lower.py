@@ -1,0 +1,445 @@
+"""Lowering a quantized Keras model to an integer-ready TensorFlow graph.
+
+The lowered graph computes what the Keras model computes in inference mode,
+written so that `tf.lite.TFLiteConverter` turns it into a fully integer model
+with no calibration data:
+
+* BatchNormalization after a Conv2D/DepthwiseConv2D/Dense is folded into its
+  kernel and bias. The kernel's integer codes k are kept and only the scale
+  changes, per output channel: w = k * (s * gamma / sqrt(var + eps)).
+* Each kernel becomes its codes times the folded scale behind a FakeQuant
+  with min/max = -+Q * |scale| (Q = 7 for 2..4-bit weights, stored as packed
+  INT4; Q = 127 for 5..8-bit weights, INT8), narrow range: the converter
+  recovers exactly the codes k (up to a sign where gamma < 0). Conv kernels
+  are quantized per output channel; Dense kernels per tensor (the converter
+  transposes FULLY_CONNECTED weights and cannot keep a per-channel axis
+  there), so a BatchNorm after a Dense must not make the channel scales
+  differ.
+* Each activation quantizer becomes an 8-bit FakeQuant holding its b-bit codes
+  exactly: for unsigned codes at step s, min = -(256 - 2^b) s and max =
+  (2^b - 1) s, so the int8 tensor has scale s and zero point 128 - 2^b; the
+  ReLU before it (fused into the producer) clamps below at that zero point
+  and int8 saturation clamps above. An offset (QIL's c - d) is subtracted in
+  the producer's bias when the producer feeds only that quantizer; otherwise
+  it is an explicit subtraction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfquant import graph
+from tfquant.layers import QuantActivation, QuantConv2D, QuantDense, QuantDepthwiseConv2D
+from tfquant.quantizers import InferenceForm
+
+_L = keras.layers
+_KERNEL_LAYERS = (QuantConv2D, QuantDepthwiseConv2D, QuantDense)
+_PASS_THROUGH = (_L.Dropout,)
+
+
+class ExportError(ValueError):
+    """The model cannot be lowered to an exact integer graph."""
+
+
+@dataclasses.dataclass
+class LayerReport:
+    """What the exporter did with one layer."""
+
+    name: str
+    kind: str
+    weight_bits: int | None = None
+    weight_storage: str | None = None
+    weight_scales: list[float] | None = None
+    folded_batch_norm: str | None = None
+    activation_bits: int | None = None
+    activation_scale: float | None = None
+    activation_zero_point: int | None = None
+    folded_offset: float | None = None
+    codes: np.ndarray | None = dataclasses.field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("codes")
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def activation_range(form: InferenceForm, where: str) -> tuple[float, float]:
+    """The (min, max) of the 8-bit FakeQuant that holds `form`'s codes exactly."""
+    if not form.is_uniform:
+        raise ExportError(f"{where}: non-uniform activation levels have no exact int8 form")
+    scale = float(np.asarray(form.scale).reshape(-1)[0])
+    if np.asarray(form.scale).size != 1:
+        raise ExportError(f"{where}: TFLite activations have one scale per tensor")
+    if form.zero_point == 0 and form.code_min == 0:
+        # Unsigned b-bit codes at int8 zero point 128 - 2^b.
+        return -(256 - 2**form.bits) * scale, (2**form.bits - 1) * scale
+    if form.bits == 8:
+        if form.signed and form.zero_point == 0:  # symmetric, codes -127..127
+            return -128.0 * scale, 127.0 * scale
+        return -form.zero_point * scale, (255 - form.zero_point) * scale
+    raise ExportError(
+        f"{where}: a {form.bits}-bit signed activation has no exact int8 form without a "
+        "clamp; use 8 bits for tensors that can be negative"
+    )
+
+
+def int8_zero_point(form: InferenceForm) -> int:
+    low, high = activation_range(form, "activation")
+    scale = (high - low) / 255.0
+    return int(round(-128 - low / scale))
+
+
+def _fake_quant_activation(x, form: InferenceForm, where: str):
+    low, high = activation_range(form, where)
+    return tf.quantization.fake_quant_with_min_max_vars(x, low, high, num_bits=8)
+
+
+@dataclasses.dataclass
+class LoweredModel:
+    """A tf.function computing the integer-ready graph, and the per-layer report."""
+
+    function: tf.types.experimental.PolymorphicFunction
+    input_spec: tf.TensorSpec
+    layers: list[LayerReport]
+
+
+def lower_model(model: keras.Model) -> LoweredModel:
+    """Lowers a quantized functional or Sequential model (see module docstring).
+
+    Raises:
+      ExportError: a layer that cannot be lowered, named in the message.
+    """
+    if not isinstance(model, keras.Model):
+        raise ExportError(f"expected a keras.Model, got {type(model).__name__}")
+    if isinstance(model, keras.Sequential):
+        if not model.inputs:
+            raise ExportError(f"Sequential model {model.name!r} has no defined input")
+        inputs = keras.Input(batch_shape=model.inputs[0].shape)
+        x = inputs
+        for layer in model.layers:
+            x = layer(x)
+        model = keras.Model(inputs, x)
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ExportError("the exporter supports models with one input and one output")
+    order = graph.nodes_in_order(model)
+    consumers = graph.consumers_of(order)
+    if not any(isinstance(op, _KERNEL_LAYERS) for op, _ in order):
+        raise ExportError(
+            f"model {model.name!r} has no quantizers: quantize it with "
+            "tfquant.quantize_model(model, scheme) and fine-tune, or export it with "
+            "post-training integer quantization (--post_training with --data)"
+        )
+    plan = _plan(order, consumers)
+
+    input_shape = tuple(model.inputs[0].shape)
+    spec = tf.TensorSpec((None,) + input_shape[1:], tf.float32, name="input")
+    outputs_ref = model.outputs[0]
+
+    @tf.function(input_signature=[spec])
+    def lowered(x):
+        values = {id(model.inputs[0]): x}
+        for operation, node in order:
+            if isinstance(operation, _L.InputLayer):
+                continue
+            args = [values[id(t)] for t in node.input_tensors]
+            out = plan.emit(operation, args)
+            for tensor in node.outputs:
+                values[id(tensor)] = out
+        return values[id(outputs_ref)]
+
+    return LoweredModel(lowered, spec, plan.reports)
+
+
+class _Plan:
+    """Per-layer constants decided before tracing (folding, codes, ranges)."""
+
+    def __init__(self):
+        self.kernels: dict[int, tuple] = {}
+        self.skip: set[int] = set()
+        self.folded_offsets: set[int] = set()
+        self.reports: list[LayerReport] = []
+        self.activation_forms: dict[int, InferenceForm] = {}
+
+    def emit(self, operation, args):
+        key = id(operation)
+        if key in self.skip:
+            return args[0]
+        if isinstance(operation, _KERNEL_LAYERS):
+            return self._emit_kernel(operation, args[0])
+        if isinstance(operation, QuantActivation):
+            return self._emit_activation(operation, args[0])
+        return _emit_plain(operation, args)
+
+    def _emit_kernel(self, layer, x):
+        make_kernel, bias, input_form = self.kernels[id(layer)]
+        kernel = make_kernel()
+        if input_form is not None:
+            if input_form.offset:
+                x = x - input_form.offset
+            x = _fake_quant_activation(x, input_form, f"layer {layer.name!r} input")
+        if isinstance(layer, QuantDense):
+            y = tf.matmul(x, kernel)
+        elif isinstance(layer, QuantDepthwiseConv2D):
+            y = tf.nn.depthwise_conv2d(
+                x,
+                kernel,
+                (1,) + tuple(layer.strides) + (1,),
+                layer.padding.upper(),
+                dilations=layer.dilation_rate,
+            )
+        else:
+            y = tf.nn.conv2d(
+                x, kernel, layer.strides, layer.padding.upper(), dilations=layer.dilation_rate
+            )
+        return y + tf.constant(bias)
+
+    def _emit_activation(self, layer, x):
+        form = self.activation_forms[id(layer)]
+        if form.offset and id(layer) not in self.folded_offsets:
+            x = x - form.offset
+        if layer.activation_name == "relu":
+            x = tf.nn.relu(x)
+        elif layer.activation_name == "relu6":
+            x = tf.nn.relu6(x)
+        elif layer.activation_name == "softmax":
+            x = tf.nn.softmax(x)
+        return _fake_quant_activation(x, form, f"layer {layer.name!r}")
+
+
+def _emit_plain(operation, args):
+    x = args[0]
+    if isinstance(operation, _L.Add):
+        return tf.add_n(args) if len(args) > 2 else tf.add(args[0], args[1])
+    if isinstance(operation, _PASS_THROUGH):
+        return x
+    if isinstance(operation, _L.MaxPooling2D):
+        return tf.nn.max_pool2d(
+            x, operation.pool_size, operation.strides, operation.padding.upper()
+        )
+    if isinstance(operation, _L.AveragePooling2D):
+        return tf.nn.avg_pool2d(
+            x, operation.pool_size, operation.strides, operation.padding.upper()
+        )
+    if isinstance(operation, _L.GlobalAveragePooling2D):
+        return _global_average(x, operation.keepdims)
+    if isinstance(operation, _L.Flatten):
+        return tf.reshape(x, (-1, int(np.prod(x.shape[1:]))))
+    if isinstance(operation, _L.Reshape):
+        return tf.reshape(x, (-1,) + tuple(operation.target_shape))
+    if isinstance(operation, _L.ZeroPadding2D):
+        (top, bottom), (left, right) = operation.padding
+        return tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
+    if isinstance(operation, _L.Activation):
+        name = getattr(operation.activation, "__name__", "")
+        if name == "linear":
+            return x
+        if name == "softmax":
+            # TFLite's int8 softmax output has scale 1/256 and zero point -128.
+            probabilities = tf.nn.softmax(x)
+            return tf.quantization.fake_quant_with_min_max_vars(
+                probabilities, 0.0, 255.0 / 256.0, num_bits=8
+            )
+        if name == "relu":
+            return tf.nn.relu(x)
+    raise ExportError(f"cannot lower layer {operation.name!r} of type {type(operation).__name__}")
+
+
+def _global_average(x, keepdims):
+    """Global average pooling as a depthwise convolution with weights 1/(H*W).
+
+    TFLite's int8 MEAN requantizes its result inexactly (measured on
+    LiteRT 2.3: up to 7 output steps away from the exact mean, with the
+    reference kernels too), while a convolution sums in int32 and rounds
+    once: the weight 1/(H*W) is the int8 code 127 at scale 1/(127*H*W).
+    """
+    height, width, channels = (int(d) for d in x.shape[1:])
+    weight = 1.0 / (height * width)
+    kernel = tf.quantization.fake_quant_with_min_max_vars(
+        tf.fill((height, width, channels, 1), weight),
+        -weight,
+        weight,
+        num_bits=8,
+        narrow_range=True,
+    )
+    y = tf.nn.depthwise_conv2d(x, kernel, (1, 1, 1, 1), "VALID")
+    return y if keepdims else tf.reshape(y, (-1, channels))
+
+
+_LOWERABLE = (
+    _L.Add,
+    _L.MaxPooling2D,
+    _L.AveragePooling2D,
+    _L.GlobalAveragePooling2D,
+    _L.Flatten,
+    _L.Reshape,
+    _L.ZeroPadding2D,
+    _L.Activation,
+    _L.InputLayer,
+    _L.BatchNormalization,
+    QuantActivation,
+    *_KERNEL_LAYERS,
+    *_PASS_THROUGH,
+)
+
+
+def _plan(order, consumers) -> _Plan:
+    plan = _Plan()
+    for operation, _ in order:
+        if not isinstance(operation, _LOWERABLE):
+            raise ExportError(
+                f"the exporter cannot lower layer {operation.name!r} of type "
+                f"{type(operation).__name__}; supported: "
+                + ", ".join(sorted({c.__name__ for c in _LOWERABLE}))
+            )
+        if isinstance(operation, _L.Activation) and getattr(
+            operation.activation, "__name__", ""
+        ) not in ("linear", "softmax", "relu"):
+            raise ExportError(
+                f"cannot lower activation layer {operation.name!r} "
+                f"({operation.activation.__name__})"
+            )
+        if isinstance(operation, QuantActivation):
+            form = operation.quantizer.inference_form()
+            activation_range(form, f"layer {operation.name!r}")
+            plan.activation_forms[id(operation)] = form
+            plan.reports.append(
+                LayerReport(
+                    name=operation.name,
+                    kind="QuantActivation",
+                    activation_bits=form.bits,
+                    activation_scale=float(form.scale),
+                    activation_zero_point=int8_zero_point(form),
+                )
+            )
+    for operation, _ in order:
+        if isinstance(operation, _KERNEL_LAYERS):
+            _plan_kernel(plan, operation, consumers)
+    for operation, _ in order:
+        if isinstance(operation, _L.BatchNormalization) and id(operation) not in plan.skip:
+            raise ExportError(
+                f"cannot fold BatchNormalization {operation.name!r}: it does not directly "
+                "follow a quantized Conv2D, DepthwiseConv2D or Dense used only by it"
+            )
+    return plan
+
+
+def _sole_consumer(operation, consumers):
+    following = consumers.get(id(operation), [])
+    return following[0] if len(following) == 1 else None
+
+
+def _plan_kernel(plan: _Plan, layer, consumers):
+    where = f"layer {layer.name!r}"
+    if layer.kernel_quantizer is None:
+        raise ExportError(f"{where} ({type(layer).__name__}) has no kernel quantizer")
+    if layer.activation is not None and getattr(layer.activation, "__name__", "") != "linear":
+        raise ExportError(
+            f"{where}: fused activation {layer.activation.__name__!r} is not "
+            "supported; use a QuantActivation after the layer"
+        )
+    kernel = np.asarray(layer.kernel.numpy(), np.float64)
+    if not np.isfinite(kernel).all():
+        raise ExportError(f"{where}: the kernel contains NaN or inf")
+    quantized = np.asarray(layer.quantized_kernel(training=False).numpy(), np.float64)
+    form = layer.kernel_quantizer.inference_form(kernel)
+    if not form.is_uniform:
+        raise ExportError(f"{where}: non-uniform weight levels have no exact integer form")
+    if form.bits > 8:
+        raise ExportError(f"{where}: weight bits must be <= 8 for TFLite, got {form.bits}")
+    codes = form.codes(quantized)
+    scale = np.asarray(form.scale, np.float64)
+    if np.abs(codes * scale - quantized).max() > 1e-4 * max(float(np.abs(scale).max()), 1e-12):
+        raise ExportError(f"{where}: the quantized kernel is not codes x scale")
+    channels = (
+        kernel.shape[-1]
+        if not isinstance(layer, QuantDepthwiseConv2D)
+        else (kernel.shape[2] * kernel.shape[3])
+    )
+    channel_scale = np.broadcast_to(scale.reshape(-1), (channels,)).astype(np.float64).copy()
+    bias = np.asarray(layer.bias.numpy(), np.float64) if layer.use_bias else np.zeros(channels)
+    report = LayerReport(
+        name=layer.name,
+        kind=type(layer).__name__,
+        weight_bits=form.bits,
+        weight_storage="INT4" if form.bits <= 4 else "INT8",
+        codes=codes,
+    )
+
+    last = layer
+    follower = _sole_consumer(layer, consumers)
+    if isinstance(follower, _L.BatchNormalization):
+        gamma = follower.gamma.numpy() if follower.scale else np.ones(channels)
+        beta = follower.beta.numpy() if follower.center else np.zeros(channels)
+        mean = follower.moving_mean.numpy()
+        variance = follower.moving_variance.numpy()
+        factor = np.asarray(gamma, np.float64) / np.sqrt(
+            np.asarray(variance, np.float64) + follower.epsilon
+        )
+        channel_scale = channel_scale * factor
+        bias = (bias - mean) * factor + beta
+        plan.skip.add(id(follower))
+        report.folded_batch_norm = follower.name
+        last = follower
+    follower = _sole_consumer(last, consumers)
+    if isinstance(follower, QuantActivation):
+        offset = plan.activation_forms[id(follower)].offset
+        if offset:
+            bias = bias - offset
+            plan.folded_offsets.add(id(follower))
+            report.folded_offset = float(offset)
+
+    q_max = 7 if form.bits <= 4 else 127
+    magnitude = np.maximum(np.abs(channel_scale), 1e-30)
+    if isinstance(layer, QuantDense):
+        if not np.allclose(magnitude, magnitude[0], rtol=1e-6):
+            raise ExportError(
+                f"{where}: a BatchNormalization after a Dense gives per-channel weight scales, "
+                "which TFLite's FULLY_CONNECTED cannot hold exactly"
+            )
+        make_kernel = _kernel_maker(codes * channel_scale, magnitude[:1], q_max)
+    elif isinstance(layer, QuantDepthwiseConv2D):
+        h, w, c_in, multiplier = codes.shape
+        folded = (codes * channel_scale.reshape(c_in, multiplier)).reshape(h, w, 1, -1)
+        make_kernel = _kernel_maker(folded, magnitude, q_max, final_shape=codes.shape)
+    else:
+        make_kernel = _kernel_maker(codes * channel_scale, magnitude, q_max)
+    report.weight_scales = [float(v) for v in np.abs(channel_scale)]
+
+    input_form = None
+    if layer.input_quantizer is not None:
+        input_form = layer.input_quantizer.inference_form()
+        activation_range(input_form, f"{where} input")
+        report.activation_bits = input_form.bits
+        report.activation_scale = float(input_form.scale)
+        report.activation_zero_point = int8_zero_point(input_form)
+    plan.kernels[id(layer)] = (make_kernel, bias.astype(np.float32), input_form)
+    plan.reports.append(report)
+
+
+def _kernel_maker(folded, magnitude, q_max, final_shape=None):
+    """A function that emits the kernel constant behind its FakeQuant while the
+    lowered graph is traced (a FakeQuant run eagerly would be folded away)."""
+    folded = np.asarray(folded, np.float32)
+    low = (-q_max * magnitude).astype(np.float32)
+    high = (q_max * magnitude).astype(np.float32)
+    bits = 4 if q_max == 7 else 8
+
+    def make():
+        value = tf.constant(folded)
+        if low.size == 1:
+            value = tf.quantization.fake_quant_with_min_max_vars(
+                value, float(low[0]), float(high[0]), num_bits=bits, narrow_range=True
+            )
+        else:
+            value = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+                value, tf.constant(low), tf.constant(high), num_bits=bits, narrow_range=True
+            )
+        if final_shape is not None:
+            value = tf.reshape(value, final_shape)
+        return value
+
+    return make

@@ -1,0 +1,86 @@
+"""Comparing a TFLite model with the Keras model it came from."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from tfquant.lite import inspect as lite_inspect
+
+
+@dataclasses.dataclass
+class Agreement:
+    """How closely the TFLite model reproduces the Keras model."""
+
+    samples: int
+    top1_agreement: float
+    identical_output_codes: float
+    max_output_step_difference: int
+    tflite_accuracy: float | None = None
+    keras_accuracy: float | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def run_tflite(
+    content: bytes, x: np.ndarray, batch_size: int = 256, num_threads: int = 2
+) -> tuple[np.ndarray, dict]:
+    """Runs the model on float inputs (quantized here if the model takes int8).
+
+    Returns the raw outputs (int8 codes or floats) and the output details.
+    """
+    interp = lite_inspect.interpreter(content, num_threads=num_threads)
+    input_detail = interp.get_input_details()[0]
+    outputs = []
+    for start in range(0, len(x), batch_size):
+        batch = np.asarray(x[start : start + batch_size], np.float32)
+        interp.resize_tensor_input(input_detail["index"], batch.shape)
+        interp.allocate_tensors()
+        detail = interp.get_input_details()[0]
+        if detail["dtype"] == np.int8:
+            scale, zero_point = detail["quantization"]
+            batch = np.clip(np.floor(batch / scale + 0.5) + zero_point, -128, 127).astype(np.int8)
+        interp.set_tensor(detail["index"], batch)
+        interp.invoke()
+        output_detail = interp.get_output_details()[0]
+        outputs.append(interp.get_tensor(output_detail["index"]).copy())
+    return np.concatenate(outputs), interp.get_output_details()[0]
+
+
+def compare(keras_model, content: bytes, x: np.ndarray, y: np.ndarray | None = None) -> Agreement:
+    """Top-1 agreement, identical output codes and the largest difference in
+    output quantization steps between the Keras and the TFLite model."""
+    reference = np.asarray(keras_model.predict(x, batch_size=256, verbose=0), np.float64)
+    raw, detail = run_tflite(content, x)
+    scale, zero_point = detail["quantization"]
+    if detail["dtype"] == np.int8:
+        tflite_codes = raw.astype(np.int64)
+        ours = (tflite_codes - zero_point) * scale
+    else:
+        ours = raw.astype(np.float64)
+        scale, zero_point = _implied_step(reference), 0
+        tflite_codes = np.round(ours / scale).astype(np.int64)
+    keras_codes = np.clip(np.round(reference / scale) + zero_point, -128, 127).astype(np.int64)
+    if detail["dtype"] != np.int8:
+        keras_codes = np.round(reference / scale).astype(np.int64)
+    top1 = reference.argmax(axis=1) == ours.argmax(axis=1)
+    agreement = Agreement(
+        samples=len(x),
+        top1_agreement=float(top1.mean()),
+        identical_output_codes=float((keras_codes == tflite_codes).mean()),
+        max_output_step_difference=int(np.abs(keras_codes - tflite_codes).max()),
+    )
+    if y is not None:
+        y = np.asarray(y).reshape(-1)
+        agreement.keras_accuracy = float((reference.argmax(axis=1) == y).mean())
+        agreement.tflite_accuracy = float((ours.argmax(axis=1) == y).mean())
+    return agreement
+
+
+def _implied_step(values: np.ndarray) -> float:
+    """The grid step of already-quantized float outputs (smallest nonzero gap)."""
+    gaps = np.diff(np.unique(values))
+    gaps = gaps[gaps > 1e-9]
+    return float(gaps.min()) if gaps.size else 1.0
