@@ -38,6 +38,9 @@ def define_flags() -> None:
         lower_bound=0.0,
         upper_bound=1.0,
     )
+    flags.DEFINE_bool(
+        "int4_weights", True, "Store 2..4-bit weights as packed INT4; --noint4_weights stores INT8."
+    )
     flags.DEFINE_bool("allow_mismatch", False, "Write the file even below --min_agreement.")
     flags.DEFINE_bool(
         "post_training",
@@ -56,6 +59,7 @@ def run(
     min_agreement,
     allow_mismatch,
     post_training,
+    int4_weights=True,
 ):
     import keras
 
@@ -84,6 +88,7 @@ def run(
         min_agreement=min_agreement,
         allow_mismatch=allow_mismatch,
         post_training=post_training,
+        int4_weights=int4_weights,
     )
     lite.save_export(result, output_path)
     print(lite.format_report(result.report))
@@ -105,6 +110,7 @@ def main(argv):
             FLAGS.min_agreement,
             FLAGS.allow_mismatch,
             FLAGS.post_training,
+            FLAGS.int4_weights,
         )
     except (lite.ExportError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -64,6 +64,7 @@ def export_model(
     min_agreement: float = 0.995,
     allow_mismatch: bool = False,
     post_training: bool = False,
+    int4_weights: bool = True,
 ) -> ExportResult:
     """Exports a quantized Keras model to integer TFLite and verifies it.
 
@@ -76,6 +77,7 @@ def export_model(
       min_agreement: smallest acceptable top-1 agreement with Keras.
       allow_mismatch: return the model even below `min_agreement`.
       post_training: the float baseline: standard post-training quantization.
+      int4_weights: store 2..4-bit weights as INT4 (else as INT8).
 
     Returns:
       The flatbuffer and a report dict (per layer, size, verification).
@@ -100,7 +102,7 @@ def export_model(
                 "post-training integer quantization (post_training=True / --post_training "
                 "with --data)"
             )
-        lowered = lower_model(model)
+        lowered = lower_model(model, int4_weights=int4_weights)
         content = convert_lowered(lowered, output_type)
         layers = [layer.to_dict() for layer in lowered.layers]
     problems = lite_inspect.non_integer_ops(content)

@@ -107,8 +107,14 @@ class LoweredModel:
     layers: list[LayerReport]
 
 
-def lower_model(model: keras.Model) -> LoweredModel:
+def lower_model(model: keras.Model, int4_weights: bool = True) -> LoweredModel:
     """Lowers a quantized functional or Sequential model (see module docstring).
+
+    Args:
+      model: the quantized Keras model.
+      int4_weights: store 2..4-bit weight codes as packed INT4 (default); with
+        False they are stored as INT8 (same codes, for runtimes without INT4
+        kernels, and to measure what INT4 saves).
 
     Raises:
       ExportError: a layer that cannot be lowered, named in the message.
@@ -133,7 +139,7 @@ def lower_model(model: keras.Model) -> LoweredModel:
             "tfquant.quantize_model(model, scheme) and fine-tune, or export it with "
             "post-training integer quantization (--post_training with --data)"
         )
-    plan = _plan(order, consumers)
+    plan = _plan(order, consumers, int4_weights)
 
     input_shape = tuple(model.inputs[0].shape)
     spec = tf.TensorSpec((None,) + input_shape[1:], tf.float32, name="input")
@@ -163,6 +169,7 @@ class _Plan:
         self.folded_offsets: set[int] = set()
         self.reports: list[LayerReport] = []
         self.activation_forms: dict[int, InferenceForm] = {}
+        self.int4_weights = True
 
     def emit(self, operation, args):
         key = id(operation)
@@ -286,8 +293,9 @@ _LOWERABLE = (
 )
 
 
-def _plan(order, consumers) -> _Plan:
+def _plan(order, consumers, int4_weights: bool) -> _Plan:
     plan = _Plan()
+    plan.int4_weights = int4_weights
     for operation, _ in order:
         if not isinstance(operation, _LOWERABLE):
             raise ExportError(
@@ -365,7 +373,7 @@ def _plan_kernel(plan: _Plan, layer, consumers):
         name=layer.name,
         kind=type(layer).__name__,
         weight_bits=form.bits,
-        weight_storage="INT4" if form.bits <= 4 else "INT8",
+        weight_storage="INT4" if form.bits <= 4 and plan.int4_weights else "INT8",
         codes=codes,
     )
 
@@ -392,7 +400,7 @@ def _plan_kernel(plan: _Plan, layer, consumers):
             plan.folded_offsets.add(id(follower))
             report.folded_offset = float(offset)
 
-    q_max = 7 if form.bits <= 4 else 127
+    q_max = 7 if form.bits <= 4 and plan.int4_weights else 127
     magnitude = np.maximum(np.abs(channel_scale), 1e-30)
     if isinstance(layer, QuantDense):
         if not np.allclose(magnitude, magnitude[0], rtol=1e-6):
