@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 from export import benchmark_host
+from tfquant.lite import benchmark as lite_benchmark
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INPUT_SHAPE = (1, 8, 8, 3)
@@ -116,7 +117,7 @@ class _RecordingInterpreter:
 def test_models_take_turns_in_rotating_chunks(tiny_models, monkeypatch):
     calls = []
     monkeypatch.setattr(
-        benchmark_host,
+        lite_benchmark,
         "load_interpreter",
         lambda path, num_threads: _RecordingInterpreter(os.path.basename(path)[0], calls),
     )
