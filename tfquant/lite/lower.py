@@ -59,6 +59,10 @@ class LayerReport:
     activation_scale: float | None = None
     activation_zero_point: int | None = None
     folded_offset: float | None = None
+    # Non-uniform weight levels mapped to int8 codes: the largest and the RMS
+    # distance between a weight's level and its code, in units of the code's scale.
+    level_mapping_max_error: float | None = None
+    level_mapping_rms_error: float | None = None
     codes: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
     def to_dict(self) -> dict:
@@ -354,28 +358,34 @@ def _plan_kernel(plan: _Plan, layer, consumers):
         raise ExportError(f"{where}: the kernel contains NaN or inf")
     quantized = np.asarray(layer.quantized_kernel(training=False).numpy(), np.float64)
     form = layer.kernel_quantizer.inference_form(kernel)
-    if not form.is_uniform:
-        raise ExportError(f"{where}: non-uniform weight levels have no exact integer form")
     if form.bits > 8:
         raise ExportError(f"{where}: weight bits must be <= 8 for TFLite, got {form.bits}")
-    codes = form.codes(quantized)
-    scale = np.asarray(form.scale, np.float64)
-    if np.abs(codes * scale - quantized).max() > 1e-4 * max(float(np.abs(scale).max()), 1e-12):
-        raise ExportError(f"{where}: the quantized kernel is not codes x scale")
     channels = (
         kernel.shape[-1]
         if not isinstance(layer, QuantDepthwiseConv2D)
         else (kernel.shape[2] * kernel.shape[3])
     )
+    mapping_errors = None
+    storage_bits = form.bits
+    if form.is_uniform:
+        codes = form.codes(quantized)
+        scale = np.asarray(form.scale, np.float64)
+        if np.abs(codes * scale - quantized).max() > 1e-4 * max(float(np.abs(scale).max()), 1e-12):
+            raise ExportError(f"{where}: the quantized kernel is not codes x scale")
+    else:
+        codes, scale, mapping_errors = _nearest_int8_codes(form, quantized, layer, channels, where)
+        storage_bits = 8
     channel_scale = np.broadcast_to(scale.reshape(-1), (channels,)).astype(np.float64).copy()
     bias = np.asarray(layer.bias.numpy(), np.float64) if layer.use_bias else np.zeros(channels)
     report = LayerReport(
         name=layer.name,
         kind=type(layer).__name__,
         weight_bits=form.bits,
-        weight_storage="INT4" if form.bits <= 4 and plan.int4_weights else "INT8",
+        weight_storage="INT4" if storage_bits <= 4 and plan.int4_weights else "INT8",
         codes=codes,
     )
+    if mapping_errors is not None:
+        report.level_mapping_max_error, report.level_mapping_rms_error = mapping_errors
 
     last = layer
     follower = _sole_consumer(layer, consumers)
@@ -400,7 +410,7 @@ def _plan_kernel(plan: _Plan, layer, consumers):
             plan.folded_offsets.add(id(follower))
             report.folded_offset = float(offset)
 
-    q_max = 7 if form.bits <= 4 and plan.int4_weights else 127
+    q_max = 7 if storage_bits <= 4 and plan.int4_weights else 127
     magnitude = np.maximum(np.abs(channel_scale), 1e-30)
     if isinstance(layer, QuantDense):
         if not np.allclose(magnitude, magnitude[0], rtol=1e-6):
@@ -426,6 +436,55 @@ def _plan_kernel(plan: _Plan, layer, consumers):
         report.activation_zero_point = int8_zero_point(input_form)
     plan.kernels[id(layer)] = (make_kernel, bias.astype(np.float32), input_form)
     plan.reports.append(report)
+
+
+def _nearest_int8_codes(form: InferenceForm, quantized, layer, channels: int, where: str):
+    """Maps non-uniform weight levels to their nearest int8 codes.
+
+    `form.levels` holds one sorted level vector (K,) for the layer, or one per
+    channel of the kernel's last axis (G, K). The int8 scale of a level vector
+    is max|L| / 127; a Dense kernel gets one scale per tensor (the largest),
+    since FULLY_CONNECTED weights cannot keep a per-channel axis. Each weight
+    is then the code round(w / scale), stored as INT8 whatever `form.bits`.
+
+    Returns:
+      The codes, the scale (one value, or one per output channel), and the
+      (max, RMS) over the kernel's weights of |w - code * scale| / scale, the
+      mapping error the exporter reports.
+
+    Raises:
+      ExportError: the levels are not grouped along the last kernel axis, or
+        the quantized kernel takes values that are not the levels.
+    """
+    levels = np.asarray(form.levels, np.float64)
+    levels = levels.reshape(1, -1) if levels.ndim == 1 else levels
+    groups = levels.shape[0]
+    if levels.ndim != 2 or (groups > 1 and groups != quantized.shape[-1]):
+        raise ExportError(
+            f"{where}: expected one level vector or one per channel of the kernel's last axis "
+            f"({quantized.shape[-1]}), got levels of shape {np.shape(form.levels)}"
+        )
+    by_group = quantized.reshape(-1, groups)
+    for g in range(groups):
+        row = np.sort(levels[g])
+        index = np.clip(np.searchsorted(row, by_group[:, g]), 0, row.size - 1)
+        nearest = np.minimum(
+            np.abs(by_group[:, g] - row[index]),
+            np.abs(by_group[:, g] - row[np.maximum(index - 1, 0)]),
+        )
+        if nearest.max() > 1e-5 * max(float(np.abs(row).max()), 1e-12):
+            raise ExportError(f"{where}: the quantized kernel takes values that are not its levels")
+    group_scale = np.maximum(np.abs(levels).max(axis=1), 1e-12) / 127.0
+    if groups == 1 or isinstance(layer, QuantDense):
+        group_scale = np.full(groups, group_scale.max())
+    codes = np.clip(np.round(by_group / group_scale), -127, 127)
+    relative = np.abs(by_group - codes * group_scale) / group_scale
+    errors = (float(relative.max()), float(np.sqrt(np.mean(relative**2))))
+    codes = codes.reshape(quantized.shape).astype(np.int32)
+    if groups == 1 or isinstance(layer, QuantDense):
+        return codes, group_scale[:1], errors
+    # Output channel c of a depthwise kernel (H, W, C_in, M) is c_in * M + m.
+    return codes, np.tile(group_scale, channels // groups), errors
 
 
 def _kernel_maker(folded, magnitude, q_max, final_shape=None):

@@ -13,7 +13,10 @@ from tfquant.quantizers.base import (
     registered_names,
     serialize,
 )
+from tfquant.quantizers.cpq import CPQQuantizer, LearnedBitsLogger, cpq_quantize, report_bits
+from tfquant.quantizers.dq import ChannelAwareActivationQuantizer, DirectQuantizer
 from tfquant.quantizers.qil import QILQuantizer, qil_activation_quantize, qil_weight_quantize
+from tfquant.quantizers.qnet import QuantizationNetworkQuantizer, TemperatureScheduler, qn_phase
 from tfquant.quantizers.uniform import (
     LSQQuantizer,
     MinMaxQuantizer,
@@ -23,18 +26,27 @@ from tfquant.quantizers.uniform import (
 )
 
 __all__ = [
+    "CPQQuantizer",
+    "ChannelAwareActivationQuantizer",
+    "DirectQuantizer",
     "InferenceForm",
     "LSQQuantizer",
+    "LearnedBitsLogger",
     "MinMaxQuantizer",
     "PACTQuantizer",
     "QILQuantizer",
+    "QuantizationNetworkQuantizer",
     "Quantizer",
+    "TemperatureScheduler",
+    "cpq_quantize",
     "get",
     "lsq_quantize",
     "pact_quantize",
     "qil_activation_quantize",
     "qil_weight_quantize",
+    "qn_phase",
     "register",
     "registered_names",
+    "report_bits",
     "serialize",
 ]
