@@ -1,4 +1,4 @@
-"""The demo: float CNN -> QIL W4A4 and LSQ W4A4 with model.fit, on scikit-learn's
+"""The demo: float CNN -> QIL, LSQ, QN, DQ and CPQ at W4A4 with model.fit, on scikit-learn's
 bundled digits (no download), each exported to a verified integer TFLite file.
 
     python -m train.demo [--float_epochs=30] [--finetune_epochs=10] [--output_dir=DIR]
@@ -22,7 +22,11 @@ _FINETUNE_EPOCHS = flags.DEFINE_integer(
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Batch size.", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "demo_output", "Where models and the table go.")
-_METHODS = flags.DEFINE_list("methods", ["qil_w4a4", "lsq_w4a4"], "Schemes to fine-tune.")
+_METHODS = flags.DEFINE_list(
+    "methods",
+    ["qil_w4a4", "lsq_w4a4", "qn_w4a4", "dq_w4a4", "cpq_w4a4"],
+    "Schemes to fine-tune (any tfquant.Scheme preset name).",
+)
 
 
 def run_demo(float_epochs, finetune_epochs, batch_size, seed, output_dir, methods):

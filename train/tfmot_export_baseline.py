@@ -1,0 +1,308 @@
+"""The export users have today: tensorflow-model-optimization 8-bit QAT to int8 TFLite.
+
+    TF_USE_LEGACY_KERAS=1 python -m train.tfmot_export_baseline --data=SPLIT.npz \\
+        --output_dir=DIR [--float_epochs=8] [--finetune_epochs=3] [--batch_size=64] \\
+        [--float_learning_rate=1e-3] [--finetune_learning_rate=5e-4] [--seed=0]
+
+The baseline half of `train.benchmark_export`, which runs it in its own
+process: tensorflow-model-optimization needs tf_keras (legacy Keras 2) and
+rejects Keras 3 models. Builds the same ResNet-20 as `train.models.resnet20`
+with tf_keras (`train.tfmot_step_timer.resnet20`), trains it in float with
+Adam, applies `tfmot.quantization.keras.quantize_model` (the default 8-bit
+scheme), fine-tunes it for the same number of epochs as our schemes, and
+converts it with the standard converter (`from_keras_model`,
+`Optimize.DEFAULT`, int8 input and output; a representative dataset from the
+training rows only if the converter asks for one). The TFLite model then runs
+on the test rows.
+
+`--data` is a NumPy archive holding `x_train`, `y_train`, `x_test` and
+`y_test` (float images in [0, 1], channels last; integer labels), the very
+arrays the Keras 3 half trained on.
+
+Writes `DIR/tfmot_int8.tflite` and `DIR/tfmot_int8.json`: `{"status": "ok",
+"keras_float_accuracy", "keras_accuracy", "tflite_accuracy", "top1_agreement",
+"identical_output_codes", "max_output_step_difference", "size_bytes", ...}`,
+or `{"status": "skipped", "reason": ...}` when tf_keras or
+tensorflow_model_optimization cannot be imported.
+
+The command line is parsed with argparse, not absl: importing
+`train.tfmot_step_timer` defines absl flags of its own (a required `--output`
+among them) in the global flag registry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+TFLITE_NAME = "tfmot_int8.tflite"
+REPORT_NAME = "tfmot_int8.json"
+INSTALL_HINT = "pip install -e .[baseline]"
+REPRESENTATIVE_SAMPLES = 256
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def write_atomically(path: str, data: bytes | str) -> None:
+    """Writes to a temporary file beside `path`, then renames it over `path`.
+
+    `tfquant.fileio.write_atomically` does the same, but importing `tfquant`
+    would load Keras 3 into this tf_keras process.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(
+        dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
+    )
+    try:
+        with os.fdopen(handle, "wb" if isinstance(data, bytes) else "w") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def load_split(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Reads `x_train`, `y_train`, `x_test`, `y_test` from a NumPy archive."""
+    with np.load(path) as archive:
+        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in archive]
+        if missing:
+            raise ValueError(f"{path!r} lacks arrays {missing}; it holds {sorted(archive.files)}")
+        return (
+            archive["x_train"].astype(np.float32),
+            archive["y_train"].astype(np.int32),
+            archive["x_test"].astype(np.float32),
+            archive["y_test"].astype(np.int32),
+        )
+
+
+def run_int8_tflite(content: bytes, x: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, Any]:
+    """Runs a TFLite model on float inputs; returns its raw outputs and output detail.
+
+    Integer inputs are quantized as `tfquant.lite.verify.run_tflite` does
+    (round half up, clipped), so both exports see the same codes.
+    """
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:  # the converter's package ships an interpreter as well
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter  # noqa: N806
+    interpreter = Interpreter(model_content=content, num_threads=2)
+    input_index = interpreter.get_input_details()[0]["index"]
+    outputs = []
+    for start in range(0, len(x), batch_size):
+        batch = np.asarray(x[start : start + batch_size], np.float32)
+        interpreter.resize_tensor_input(input_index, batch.shape)
+        interpreter.allocate_tensors()
+        detail = interpreter.get_input_details()[0]
+        if detail["dtype"] == np.int8:
+            scale, zero_point = detail["quantization"]
+            batch = np.clip(np.floor(batch / scale + 0.5) + zero_point, -128, 127).astype(np.int8)
+        interpreter.set_tensor(detail["index"], batch)
+        interpreter.invoke()
+        output = interpreter.get_output_details()[0]
+        outputs.append(interpreter.get_tensor(output["index"]).copy())
+    return np.concatenate(outputs), interpreter.get_output_details()[0]
+
+
+def compare_outputs(reference: np.ndarray, raw: np.ndarray, detail: dict, y: np.ndarray) -> dict:
+    """The figures of `tfquant.lite.verify.compare` for an int8-output model:
+    top-1 agreement, identical output codes, largest step difference, accuracies."""
+    reference = np.asarray(reference, np.float64)
+    scale, zero_point = detail["quantization"]
+    tflite_codes = raw.astype(np.int64)
+    dequantized = (tflite_codes - zero_point) * scale
+    keras_codes = np.clip(np.round(reference / scale) + zero_point, -128, 127).astype(np.int64)
+    return {
+        "samples": int(len(reference)),
+        "top1_agreement": float((reference.argmax(1) == dequantized.argmax(1)).mean()),
+        "identical_output_codes": float((keras_codes == tflite_codes).mean()),
+        "max_output_step_difference": int(np.abs(keras_codes - tflite_codes).max()),
+        "keras_accuracy": float((reference.argmax(1) == y).mean()),
+        "tflite_accuracy": float((dequantized.argmax(1) == y).mean()),
+    }
+
+
+def convert_int8(tf, model, x_train: np.ndarray) -> tuple[bytes, bool]:
+    """Standard full-int8 conversion of a QAT model.
+
+    Returns the flatbuffer and whether a representative dataset was needed.
+    """
+
+    def converter(representative: bool):
+        result = tf.lite.TFLiteConverter.from_keras_model(model)
+        result.optimizations = [tf.lite.Optimize.DEFAULT]
+        result.inference_input_type = tf.int8
+        result.inference_output_type = tf.int8
+        if representative:
+
+            def dataset():
+                for i in range(min(len(x_train), REPRESENTATIVE_SAMPLES)):
+                    yield [x_train[i : i + 1]]
+
+            result.representative_dataset = dataset
+        return result
+
+    try:
+        return converter(representative=False).convert(), False
+    except Exception as error:  # the converter raises several types when it lacks ranges
+        log(f"  conversion without a representative dataset failed ({error}); retrying with one")
+        return converter(representative=True).convert(), True
+
+
+def run_baseline(
+    data: str,
+    output_dir: str,
+    float_epochs: int,
+    finetune_epochs: int,
+    batch_size: int = 64,
+    float_learning_rate: float = 1e-3,
+    finetune_learning_rate: float = 5e-4,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Trains, QAT-fine-tunes and converts the tf_keras ResNet-20; returns the report.
+
+    Writes `TFLITE_NAME` into `output_dir` when it succeeds.
+    """
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"  # before TensorFlow resolves tf.keras
+    try:
+        import tensorflow_model_optimization as tfmot
+        import tf_keras
+    except ImportError as error:
+        return {"status": "skipped", "reason": f"{error}; install with `{INSTALL_HINT}`"}
+    import tensorflow as tf
+
+    from train.tfmot_step_timer import resnet20
+
+    x_train, y_train, x_test, y_test = load_split(data)
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    tf_keras.utils.set_random_seed(seed)
+    loss = tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def fit(model, epochs, learning_rate):
+        model.compile(
+            optimizer=tf_keras.optimizers.Adam(learning_rate), loss=loss, metrics=["accuracy"]
+        )
+        start = time.perf_counter()
+        model.fit(x_train, y_train, batch_size=batch_size, epochs=epochs, verbose=2)
+        seconds = time.perf_counter() - start
+        _, accuracy = model.evaluate(x_test, y_test, batch_size=256, verbose=0)
+        return float(accuracy), seconds
+
+    log(
+        f"  tf_keras ResNet-20 {'x'.join(map(str, x_train.shape[1:]))}: float, "
+        f"{float_epochs} epochs of Adam({float_learning_rate:g}), seed {seed}"
+    )
+    float_model = resnet20(tf_keras, x_train.shape[1:], num_classes)
+    float_accuracy, float_seconds = fit(float_model, float_epochs, float_learning_rate)
+    log(f"  tf_keras float test accuracy {100 * float_accuracy:.2f}% ({float_seconds:.0f} s)")
+
+    qat_model = tfmot.quantization.keras.quantize_model(float_model)
+    log(
+        f"  tfmot.quantization.keras.quantize_model (default 8-bit): {finetune_epochs} epochs "
+        f"of Adam({finetune_learning_rate:g})"
+    )
+    qat_accuracy, qat_seconds = fit(qat_model, finetune_epochs, finetune_learning_rate)
+    log(f"  tfmot QAT Keras test accuracy {100 * qat_accuracy:.2f}% ({qat_seconds:.0f} s)")
+
+    start = time.perf_counter()
+    content, representative = convert_int8(tf, qat_model, x_train)
+    convert_seconds = time.perf_counter() - start
+    path = os.path.join(output_dir, TFLITE_NAME)
+    write_atomically(path, content)
+    reference = qat_model.predict(x_test, batch_size=256, verbose=0)
+    raw, detail = run_int8_tflite(content, x_test)
+    if detail["dtype"] != np.int8:
+        raise ValueError(f"the converted model's output is {detail['dtype']}, expected int8")
+    verification = compare_outputs(reference, raw, detail, y_test)
+    log(
+        f"  tfmot int8 TFLite: {len(content) / 1024:.1f} KiB, accuracy "
+        f"{100 * verification['tflite_accuracy']:.2f}%, top-1 agreement with its Keras model "
+        f"{100 * verification['top1_agreement']:.2f}%"
+    )
+    return {
+        "status": "ok",
+        "tflite": path,
+        "size_bytes": len(content),
+        "keras_float_accuracy": float_accuracy,
+        **verification,
+        "representative_dataset_used": representative,
+        "float_train_seconds": float_seconds,
+        "finetune_seconds": qat_seconds,
+        "convert_seconds": convert_seconds,
+        "config": {
+            "float_epochs": float_epochs,
+            "finetune_epochs": finetune_epochs,
+            "batch_size": batch_size,
+            "float_learning_rate": float_learning_rate,
+            "finetune_learning_rate": finetune_learning_rate,
+            "seed": seed,
+            "scheme": "tfmot default 8-bit (Default8BitQuantizeScheme)",
+            "converter": "TFLiteConverter.from_keras_model, Optimize.DEFAULT, int8 in/out",
+        },
+        "versions": {
+            "tensorflow": tf.__version__,
+            "tf_keras": tf_keras.__version__,
+            "tfmot": tfmot.__version__,
+        },
+    }
+
+
+def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.tfmot_export_baseline",
+        description="tfmot 8-bit QAT of ResNet-20, converted to int8 TFLite (needs "
+        "TF_USE_LEGACY_KERAS=1).",
+    )
+    parser.add_argument("--data", required=True, help="NumPy archive with the split.")
+    parser.add_argument("--output_dir", required=True, help="Where the .tflite and .json go.")
+    parser.add_argument("--float_epochs", type=int, default=8)
+    parser.add_argument("--finetune_epochs", type=int, default=3)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--float_learning_rate", type=float, default=1e-3)
+    parser.add_argument("--finetune_learning_rate", type=float, default=5e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    arguments = parser.parse_args(argv)
+    for name in ("float_epochs", "finetune_epochs", "batch_size"):
+        if getattr(arguments, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(arguments, name)}")
+    return arguments
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    arguments = parse_arguments(argv)
+    if not os.path.isdir(arguments.output_dir):
+        raise SystemExit(f"output directory {arguments.output_dir!r} does not exist")
+    result = run_baseline(
+        arguments.data,
+        arguments.output_dir,
+        arguments.float_epochs,
+        arguments.finetune_epochs,
+        arguments.batch_size,
+        arguments.float_learning_rate,
+        arguments.finetune_learning_rate,
+        arguments.seed,
+    )
+    if result["status"] != "ok":
+        log(f"  tfmot baseline {result['status']}: {result['reason']}")
+    write_atomically(
+        os.path.join(arguments.output_dir, REPORT_NAME), json.dumps(result, indent=2) + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
