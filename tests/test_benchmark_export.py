@@ -6,6 +6,7 @@ import os
 import pytest
 
 from train import benchmark_export as bench
+from train import benchmark_overhead
 
 
 def _row(name, kind, path, **values):
@@ -80,7 +81,7 @@ def test_check_targets_compares_each_value_with_its_threshold():
 
 
 def test_tfmot_process_skips_without_tfmot(monkeypatch, tmp_path):
-    monkeypatch.setattr(bench, "missing_baseline_modules", lambda: ["tf_keras"])
+    monkeypatch.setattr(benchmark_overhead, "missing_baseline_modules", lambda: ["tf_keras"])
     result = bench.run_tfmot_process(None, str(tmp_path), 1, 1, 8, 0)
     assert result["status"] == "skipped"
     assert "tf_keras" in result["reason"] and "pip install -e .[baseline]" in result["reason"]

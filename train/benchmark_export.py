@@ -56,7 +56,12 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from train.benchmark_overhead import BASELINE_INSTALL_HINT, check_methods, missing_baseline_modules
+from train.benchmark_overhead import (
+    BASELINE_INSTALL_HINT,
+    baseline_skip_result,
+    check_methods,
+    legacy_keras_environment,
+)
 
 DEFAULT_DATA = "npz:../shared/data/mnist10k.npz"
 DEFAULT_METHODS = ("qil_w4a4", "lsq_w4a4")
@@ -142,15 +147,10 @@ def run_tfmot_process(
     """
     from train import tfmot_export_baseline as baseline
 
-    missing = missing_baseline_modules()
-    if missing:
-        return {
-            "status": "skipped",
-            "reason": f"{', '.join(missing)} not installed; install with `{BASELINE_INSTALL_HINT}`",
-        }
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TF_USE_LEGACY_KERAS="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    skipped = baseline_skip_result()
+    if skipped:
+        return skipped
+    env = legacy_keras_environment()
     report_path = os.path.join(output_dir, baseline.REPORT_NAME)
     if os.path.exists(report_path):
         os.remove(report_path)  # never read a previous run's result

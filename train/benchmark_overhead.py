@@ -277,21 +277,36 @@ def missing_baseline_modules() -> list[str]:
     return [name for name in _BASELINE_MODULES if importlib.util.find_spec(name) is None]
 
 
+def baseline_skip_result() -> dict | None:
+    """A "skipped" result naming the missing baseline modules, or None."""
+    missing = missing_baseline_modules()
+    if not missing:
+        return None
+    return {
+        "status": "skipped",
+        "reason": f"{', '.join(missing)} not installed; install with `{BASELINE_INSTALL_HINT}`",
+    }
+
+
+def legacy_keras_environment() -> dict[str, str]:
+    """The environment of a baseline subprocess: legacy Keras, and this
+    repository on PYTHONPATH so `python -m train...` finds its modules."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
 def run_tfmot_process(steps: int, rounds: int, batch_size: int, warmup_steps: int, seed: int):
     """Runs `train.tfmot_step_timer` in a subprocess; returns its JSON result.
 
     The result has `status` "ok" (with `variants`), "skipped" (with `reason`)
     or "error" (with `reason`).
     """
-    missing = missing_baseline_modules()
-    if missing:
-        return {
-            "status": "skipped",
-            "reason": f"{', '.join(missing)} not installed; install with `{BASELINE_INSTALL_HINT}`",
-        }
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TF_USE_LEGACY_KERAS="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    skipped = baseline_skip_result()
+    if skipped:
+        return skipped
+    env = legacy_keras_environment()
     handle, result_path = tempfile.mkstemp(prefix="tfmot_step_timer_", suffix=".json")
     os.close(handle)
     command = [
