@@ -58,9 +58,10 @@ def exported(trained, digits):
 def test_fully_integer_with_int4_weights(exported):
     assert lite_inspect.non_integer_ops(exported.content) == []
     storage = [w["storage"] for w in exported.report["weights"]]
-    # First conv and the classifier at 8 bits, the rest at 4; the global average
-    # pooling is a depthwise convolution with 8-bit weights 1/(H*W).
-    assert storage == ["INT8", "INT4", "INT4", "INT4", "INT8", "INT8"]
+    # First conv and the classifier at 8 bits, the rest at 4; the requantized sum
+    # feeding QIL's ReLU quantizer goes through an identity depthwise convolution
+    # (8-bit weight 1), the global average pooling through one with weights 1/(H*W).
+    assert storage == ["INT8", "INT4", "INT8", "INT4", "INT4", "INT8", "INT8"]
 
 
 def test_weight_codes_read_back_exactly(trained, exported):
@@ -117,6 +118,35 @@ def test_agreement_with_keras(exported):
     assert verification["top1_agreement"] >= 0.99
     assert verification["max_output_step_difference"] <= 16
     assert abs(verification["tflite_accuracy"] - verification["keras_accuracy"]) <= 0.01
+
+
+def test_align_biases_puts_biases_on_the_int32_grid(trained, digits):
+    qmodel = trained[1]
+    before = qmodel.predict(digits.x_test[:64], verbose=0)
+    lite.align_biases(qmodel)
+    again = lite.align_biases(qmodel)
+    assert again, "no layer was aligned"
+    steps = {
+        r["name"]: r["bias_step"]
+        for r in lite.export_model(
+            qmodel, digits.x_test[:64], allow_mismatch=True, align=False
+        ).report["layers"]
+        if "bias_step" in r
+    }
+    for name, shift in again.items():
+        assert shift <= 1e-3 * steps[name], (name, shift, steps[name])
+    after = qmodel.predict(digits.x_test[:64], verbose=0)
+    # The logits' grid step is far coarser than any shift.
+    assert np.abs(after - before).max() <= 0.05 * np.abs(before).max()
+
+
+def test_int8_weight_storage_matches_keras_code_for_code(trained, digits):
+    result = lite.export_model(trained[1], digits.x_test, digits.y_test, int4_weights=False)
+    verification = result.report["verification"]
+    assert verification["identical_output_codes"] >= 0.99, verification
+    assert verification["max_output_step_difference"] <= 1, verification
+    ops = {op["op_name"] for op in lite_inspect.ops(result.content)}
+    assert "SUB" not in ops, ops  # offsets ride in depthwise biases, inside the delegate
 
 
 def test_save_writes_model_and_reports(exported, tmp_path):

@@ -12,10 +12,11 @@ from tfquant.lite.export import (
     save_export,
     write_atomically,
 )
-from tfquant.lite.lower import ExportError, lower_model
+from tfquant.lite.lower import ExportError, align_biases, lower_model
 
 __all__ = [
     "ExportError",
+    "align_biases",
     "ExportResult",
     "export_model",
     "format_report",

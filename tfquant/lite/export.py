@@ -12,7 +12,7 @@ import tensorflow as tf
 from tfquant import fileio
 from tfquant.lite import inspect as lite_inspect
 from tfquant.lite import verify
-from tfquant.lite.lower import ExportError, lower_model
+from tfquant.lite.lower import ExportError, align_biases, lower_model
 
 
 @dataclasses.dataclass
@@ -65,6 +65,7 @@ def export_model(
     allow_mismatch: bool = False,
     post_training: bool = False,
     int4_weights: bool = True,
+    align: bool = True,
 ) -> ExportResult:
     """Exports a quantized Keras model to integer TFLite and verifies it.
 
@@ -78,6 +79,10 @@ def export_model(
       allow_mismatch: return the model even below `min_agreement`.
       post_training: the float baseline: standard post-training quantization.
       int4_weights: store 2..4-bit weights as INT4 (else as INT8).
+      align: first move the model's biases onto TFLite's int32 bias grid, in
+        place (`tfquant.lite.align_biases`: at most half a bias step per
+        channel), so the Keras model computes what the file computes; each
+        layer's largest shift is in the report as `bias_shift_max`.
 
     Returns:
       The flatbuffer and a report dict (per layer, size, verification).
@@ -102,8 +107,12 @@ def export_model(
                 "post-training integer quantization (post_training=True / --post_training "
                 "with --data)"
             )
+        shifts = align_biases(model) if align else {}
         lowered = lower_model(model, int4_weights=int4_weights)
         content = convert_lowered(lowered, output_type)
+        for layer in lowered.layers:
+            if layer.name in shifts:
+                layer.bias_shift_max = shifts[layer.name]
         layers = [layer.to_dict() for layer in lowered.layers]
     problems = lite_inspect.non_integer_ops(content)
     if problems:

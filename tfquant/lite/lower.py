@@ -59,6 +59,9 @@ class LayerReport:
     activation_scale: float | None = None
     activation_zero_point: int | None = None
     folded_offset: float | None = None
+    # The int32 bias step of TFLite (input step x weight step), largest channel.
+    bias_step: float | None = None
+    bias_shift_max: float | None = None
     # Non-uniform weight levels mapped to int8 codes: the largest and the RMS
     # distance between a weight's level and its code, in units of the code's scale.
     level_mapping_max_error: float | None = None
@@ -123,6 +126,32 @@ def lower_model(model: keras.Model, int4_weights: bool = True) -> LoweredModel:
     Raises:
       ExportError: a layer that cannot be lowered, named in the message.
     """
+    model, order, consumers = _prepare(model)
+    plan = _plan(order, consumers, int4_weights)
+
+    input_shape = tuple(model.inputs[0].shape)
+    spec = tf.TensorSpec((None,) + input_shape[1:], tf.float32, name="input")
+    outputs_ref = model.outputs[0]
+
+    @tf.function(input_signature=[spec])
+    def lowered(x):
+        values = {id(model.inputs[0]): x}
+        for operation, node in order:
+            if isinstance(operation, _L.InputLayer):
+                continue
+            args = [values[id(t)] for t in node.input_tensors]
+            # The layer's name becomes part of its TFLite tensors' names.
+            with tf.name_scope(operation.name):
+                out = plan.emit(operation, args)
+            for tensor in node.outputs:
+                values[id(tensor)] = out
+        return values[id(outputs_ref)]
+
+    return LoweredModel(lowered, spec, plan.reports)
+
+
+def _prepare(model):
+    """The functional form of `model`, its nodes in order and their consumers."""
     if not isinstance(model, keras.Model):
         raise ExportError(f"expected a keras.Model, got {type(model).__name__}")
     if isinstance(model, keras.Sequential):
@@ -143,25 +172,44 @@ def lower_model(model: keras.Model, int4_weights: bool = True) -> LoweredModel:
             "tfquant.quantize_model(model, scheme) and fine-tune, or export it with "
             "post-training integer quantization (--post_training with --data)"
         )
-    plan = _plan(order, consumers, int4_weights)
+    return model, order, consumers
 
-    input_shape = tuple(model.inputs[0].shape)
-    spec = tf.TensorSpec((None,) + input_shape[1:], tf.float32, name="input")
-    outputs_ref = model.outputs[0]
 
-    @tf.function(input_signature=[spec])
-    def lowered(x):
-        values = {id(model.inputs[0]): x}
-        for operation, node in order:
-            if isinstance(operation, _L.InputLayer):
-                continue
-            args = [values[id(t)] for t in node.input_tensors]
-            out = plan.emit(operation, args)
-            for tensor in node.outputs:
-                values[id(tensor)] = out
-        return values[id(outputs_ref)]
+def align_biases(model: keras.Model) -> dict[str, float]:
+    """Moves each layer's bias onto the int32 grid TFLite will store it on.
 
-    return LoweredModel(lowered, spec, plan.reports)
+    TFLite keeps a convolution's bias in int32 at the accumulator's scale
+    (input step x weight step), so a float bias is rounded by up to half that
+    step; with 4-bit activations this flips about 1% of a layer's output
+    codes against the Keras model. This shifts the Keras variables (the
+    BatchNormalization beta when one is folded, else the layer's bias) by the
+    same rounding, so both compute the same value. The shift is at most half
+    a bias step, far below an activation step; accuracy does not move.
+
+    Idempotent. Layers whose input step is not fixed by a quantizer
+    upstream, or with no variable to hold the shift, are left alone.
+
+    Returns:
+      The largest absolute shift per aligned layer, in the folded bias's units.
+    """
+    _, order, consumers = _prepare(model)
+    plan = _plan(order, consumers, True)
+    shifts = {}
+    for layer, batch_norm, shift in plan.bias_shifts.values():
+        if not np.any(shift):
+            shifts[layer.name] = 0.0
+            continue
+        if batch_norm is not None and batch_norm[0].center:
+            variable, delta = batch_norm[0].beta, shift
+        elif layer.use_bias and (batch_norm is None or np.all(batch_norm[1] != 0)):
+            variable = layer.bias
+            delta = shift if batch_norm is None else shift / batch_norm[1]
+        else:
+            continue
+        value = np.asarray(variable.numpy(), np.float64) + delta
+        variable.assign(value.astype(variable.dtype))
+        shifts[layer.name] = float(np.abs(shift).max())
+    return shifts
 
 
 class _Plan:
@@ -174,6 +222,8 @@ class _Plan:
         self.reports: list[LayerReport] = []
         self.activation_forms: dict[int, InferenceForm] = {}
         self.int4_weights = True
+        self.after_quantizer: set[int] = set()
+        self.bias_shifts: dict[int, tuple] = {}
 
     def emit(self, operation, args):
         key = id(operation)
@@ -210,7 +260,11 @@ class _Plan:
 
     def _emit_activation(self, layer, x):
         form = self.activation_forms[id(layer)]
-        if form.offset and id(layer) not in self.folded_offsets:
+        if id(layer) in self.after_quantizer:
+            # Two quantizers in a row: the converter would keep only the
+            # second grid, so the first one's rounding gets its own op.
+            x = _requantize_through_identity(x, form.offset)
+        elif form.offset and id(layer) not in self.folded_offsets:
             x = x - form.offset
         if layer.activation_name == "relu":
             x = tf.nn.relu(x)
@@ -259,6 +313,26 @@ def _emit_plain(operation, args):
     raise ExportError(f"cannot lower layer {operation.name!r} of type {type(operation).__name__}")
 
 
+def _requantize_through_identity(x, offset):
+    """x - offset as a 1x1 depthwise convolution with weight 1.
+
+    A FakeQuant straight after another one is merged by the converter into
+    one requantization, which rounds once where the Keras model rounds
+    twice; a SUB of a constant would keep both roundings but runs outside
+    the XNNPACK delegate. The convolution keeps both, stays in the delegate
+    and holds the offset in its bias (int32 at 1/127 of the input step).
+    """
+    channels = int(x.shape[-1])
+    kernel = tf.quantization.fake_quant_with_min_max_vars(
+        tf.ones((1, 1, channels, 1)), -1.0, 1.0, num_bits=8, narrow_range=True
+    )
+    flat = x.shape.rank != 4
+    y = tf.reshape(x, (-1, 1, 1, channels)) if flat else x
+    y = tf.nn.depthwise_conv2d(y, kernel, (1, 1, 1, 1), "VALID")
+    y = y - tf.fill((channels,), tf.constant(offset, tf.float32))
+    return tf.reshape(y, (-1, channels)) if flat else y
+
+
 def _global_average(x, keepdims):
     """Global average pooling as a depthwise convolution with weights 1/(H*W).
 
@@ -280,6 +354,8 @@ def _global_average(x, keepdims):
     return y if keepdims else tf.reshape(y, (-1, channels))
 
 
+_GRID_KEEPING = (_L.MaxPooling2D, _L.Flatten, _L.Reshape, _L.ZeroPadding2D, *_PASS_THROUGH)
+
 _LOWERABLE = (
     _L.Add,
     _L.MaxPooling2D,
@@ -300,7 +376,7 @@ _LOWERABLE = (
 def _plan(order, consumers, int4_weights: bool) -> _Plan:
     plan = _Plan()
     plan.int4_weights = int4_weights
-    for operation, _ in order:
+    for operation, node in order:
         if not isinstance(operation, _LOWERABLE):
             raise ExportError(
                 f"the exporter cannot lower layer {operation.name!r} of type "
@@ -318,6 +394,8 @@ def _plan(order, consumers, int4_weights: bool) -> _Plan:
             form = operation.quantizer.inference_form()
             activation_range(form, f"layer {operation.name!r}")
             plan.activation_forms[id(operation)] = form
+            if isinstance(graph.producer(node.input_tensors[0]), QuantActivation):
+                plan.after_quantizer.add(id(operation))
             plan.reports.append(
                 LayerReport(
                     name=operation.name,
@@ -327,9 +405,9 @@ def _plan(order, consumers, int4_weights: bool) -> _Plan:
                     activation_zero_point=int8_zero_point(form),
                 )
             )
-    for operation, _ in order:
+    for operation, node in order:
         if isinstance(operation, _KERNEL_LAYERS):
-            _plan_kernel(plan, operation, consumers)
+            _plan_kernel(plan, operation, node, consumers)
     for operation, _ in order:
         if isinstance(operation, _L.BatchNormalization) and id(operation) not in plan.skip:
             raise ExportError(
@@ -339,12 +417,25 @@ def _plan(order, consumers, int4_weights: bool) -> _Plan:
     return plan
 
 
+def _input_scale(plan: _Plan, node) -> float | None:
+    """The step of the int8 tensor a kernel layer reads, when a quantizer
+    upstream fixes it (through layers that keep the grid), else None."""
+    tensor = node.input_tensors[0]
+    while True:
+        operation = graph.producer(tensor)
+        if isinstance(operation, QuantActivation):
+            return float(plan.activation_forms[id(operation)].scale)
+        if not isinstance(operation, _GRID_KEEPING):
+            return None
+        tensor = operation._inbound_nodes[0].input_tensors[0]
+
+
 def _sole_consumer(operation, consumers):
     following = consumers.get(id(operation), [])
     return following[0] if len(following) == 1 else None
 
 
-def _plan_kernel(plan: _Plan, layer, consumers):
+def _plan_kernel(plan: _Plan, layer, node, consumers):
     where = f"layer {layer.name!r}"
     if layer.kernel_quantizer is None:
         raise ExportError(f"{where} ({type(layer).__name__}) has no kernel quantizer")
@@ -388,6 +479,7 @@ def _plan_kernel(plan: _Plan, layer, consumers):
         report.level_mapping_max_error, report.level_mapping_rms_error = mapping_errors
 
     last = layer
+    batch_norm = None
     follower = _sole_consumer(layer, consumers)
     if isinstance(follower, _L.BatchNormalization):
         gamma = follower.gamma.numpy() if follower.scale else np.ones(channels)
@@ -399,6 +491,7 @@ def _plan_kernel(plan: _Plan, layer, consumers):
         )
         channel_scale = channel_scale * factor
         bias = (bias - mean) * factor + beta
+        batch_norm = (follower, factor)
         plan.skip.add(id(follower))
         report.folded_batch_norm = follower.name
         last = follower
@@ -434,6 +527,15 @@ def _plan_kernel(plan: _Plan, layer, consumers):
         report.activation_bits = input_form.bits
         report.activation_scale = float(input_form.scale)
         report.activation_zero_point = int8_zero_point(input_form)
+        input_scale = float(input_form.scale)
+    else:
+        input_scale = _input_scale(plan, node)
+    if input_scale is not None:
+        # TFLite holds the bias in int32 at the accumulator's scale.
+        grid = input_scale * (magnitude[:1] if isinstance(layer, QuantDense) else magnitude)
+        shift = np.round(bias / grid) * grid - bias
+        report.bias_step = float(grid.max())
+        plan.bias_shifts[id(layer)] = (layer, batch_norm, shift)
     plan.kernels[id(layer)] = (make_kernel, bias.astype(np.float32), input_form)
     plan.reports.append(report)
 
