@@ -20,6 +20,7 @@ config dict or `Quantizer`. With both None the layer is its Keras twin.
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import ops
 
 from tfquant import quantizers
@@ -262,6 +263,29 @@ class QuantDense(_QuantizedKernelMixin, keras.layers.Dense):
 _SUPPORTED_ACTIVATIONS = ("linear", "relu", "relu6", "softmax")
 
 
+def _round_on_fine_grid(x, scale, offset, exponents):
+    """The first of a fixed-point kernel's two roundings, in real units.
+
+    `v = (x - offset) / scale` is the value in output steps. The kernel
+    rounds `v * 2^-e` to an integer, then shifts it right by `-e` bits,
+    rounding ties up (toward +inf, for negative values too: measured on
+    LiteRT's x86 kernels, where a tie-away-from-zero shift disagreed on 17% of
+    a signed layer's codes). This returns `v` rounded to the fine grid and
+    moved up by a quarter of a fine step, so that the quantizer's own
+    rounding, whatever its tie-breaking, lands where the kernel's second
+    rounding does; values not on a tie are at least one fine step from it and
+    do not cross it.
+    """
+    # Below 2^-16 of a step the second rounding almost never differs, and
+    # v * 2^16 stays an exact float32 integer for |v| <= 256.
+    fine = np.exp2(-np.clip(np.asarray(exponents, np.float64), -16.0, 0.0))
+    fine = ops.convert_to_tensor(fine if fine.size > 1 else fine.reshape(()), dtype=x.dtype)
+    v = (x - offset) / scale * fine
+    r = ops.floor(v + 0.5)
+    r = r + 0.25
+    return offset + scale * (r / fine)
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class QuantActivation(keras.layers.Layer):
     """An activation followed by a quantizer.
@@ -274,9 +298,11 @@ class QuantActivation(keras.layers.Layer):
       activation: "relu", "relu6", "linear" or "softmax".
       quantizer: a quantizer name, config dict or `Quantizer` (unsigned
         by default after relu/relu6/softmax, signed after linear).
+      requantization: None, or how an integer kernel that rounds twice
+        produces this tensor (see `set_requantization`); the exporter sets it.
     """
 
-    def __init__(self, activation="relu", quantizer="minmax", **kwargs):
+    def __init__(self, activation="relu", quantizer="minmax", requantization=None, **kwargs):
         super().__init__(**kwargs)
         name = activation if isinstance(activation, str) else getattr(activation, "__name__", "")
         name = name or "linear"
@@ -290,6 +316,43 @@ class QuantActivation(keras.layers.Layer):
         if self.quantizer is None:
             raise ValueError("QuantActivation needs a quantizer, got None")
         self._skip_activation = name == "relu" and self.quantizer.clips_negative
+        self.requantization = None
+        self.set_requantization(requantization)
+
+    def set_requantization(self, requantization):
+        """Makes inference round the way TFLite's fixed-point kernels do.
+
+        TFLite's builtin integer kernels requantize an int32 accumulator with
+        a multiplier `m * 2^e` (m in [0.5, 1)): they round `acc * m` to an
+        integer, then shift right by `-e` bits, rounding again (ties up).
+        That is rounding to the grid of `2^e` steps first, then to whole
+        steps; a value just below a half step can end one step up. With this set, the
+        inference forward pass rounds the same way before the quantizer
+        rounds, so the Keras model and the file agree code for code. Training
+        is unaffected. The exporter sets it for tensors computed by kernels
+        that round twice (INT4 weights) and clears it elsewhere; it holds the
+        quantizer's step at export time, so export again after more training.
+
+        Args:
+          requantization: None (round once), or a dict with `scale` and
+            `offset` (the quantizer's step and offset) and `exponents` (the
+            exponent e of each output channel's multiplier, or one for all).
+        """
+        if requantization is None:
+            self.requantization = None
+            return
+        try:
+            scale = float(requantization["scale"])
+            offset = float(requantization.get("offset", 0.0))
+            exponents = [int(e) for e in np.ravel(requantization["exponents"])]
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(
+                "requantization must be a dict with scale, offset and exponents, "
+                f"got {requantization!r} ({error})"
+            ) from None
+        if not np.isfinite(scale) or scale <= 0 or not np.isfinite(offset) or not exponents:
+            raise ValueError(f"invalid requantization {requantization!r}")
+        self.requantization = {"scale": scale, "offset": offset, "exponents": exponents}
 
     def build(self, input_shape):
         if not self.quantizer.built:
@@ -299,6 +362,8 @@ class QuantActivation(keras.layers.Layer):
     def call(self, inputs, training=None):
         if not self._skip_activation:
             inputs = self.activation(inputs)
+        if self.requantization is not None and not training:
+            inputs = _round_on_fine_grid(inputs, **self.requantization)
         return self.quantizer(inputs, training=training)
 
     def compute_output_shape(self, input_shape):
@@ -307,4 +372,6 @@ class QuantActivation(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(activation=self.activation_name, quantizer=_serialize(self.quantizer))
+        if self.requantization is not None:
+            config["requantization"] = dict(self.requantization)
         return config

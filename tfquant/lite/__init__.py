@@ -12,7 +12,7 @@ from tfquant.lite.export import (
     save_export,
     write_atomically,
 )
-from tfquant.lite.lower import ExportError, align_biases, lower_model
+from tfquant.lite.lower import ExportError, align_biases, lower_model, match_integer_kernels
 
 __all__ = [
     "ExportError",
@@ -21,6 +21,7 @@ __all__ = [
     "export_model",
     "format_report",
     "lower_model",
+    "match_integer_kernels",
     "save_export",
     "write_atomically",
 ]

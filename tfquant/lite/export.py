@@ -12,7 +12,7 @@ import tensorflow as tf
 from tfquant import fileio
 from tfquant.lite import inspect as lite_inspect
 from tfquant.lite import verify
-from tfquant.lite.lower import ExportError, align_biases, lower_model
+from tfquant.lite.lower import ExportError, align_biases, lower_model, match_integer_kernels
 
 
 @dataclasses.dataclass
@@ -81,8 +81,10 @@ def export_model(
       int4_weights: store 2..4-bit weights as INT4 (else as INT8).
       align: first move the model's biases onto TFLite's int32 bias grid, in
         place (`tfquant.lite.align_biases`: at most half a bias step per
-        channel), so the Keras model computes what the file computes; each
-        layer's largest shift is in the report as `bias_shift_max`.
+        channel), and make its inference round like the file's integer
+        kernels (`tfquant.lite.match_integer_kernels`), so the Keras model
+        computes what the file computes; each layer's largest bias shift is in
+        the report as `bias_shift_max`.
 
     Returns:
       The flatbuffer and a report dict (per layer, size, verification).
@@ -108,6 +110,8 @@ def export_model(
                 "with --data)"
             )
         shifts = align_biases(model) if align else {}
+        if align:
+            match_integer_kernels(model, int4_weights)
         lowered = lower_model(model, int4_weights=int4_weights)
         content = convert_lowered(lowered, output_type)
         for layer in lowered.layers:

@@ -212,6 +212,33 @@ def align_biases(model: keras.Model) -> dict[str, float]:
     return shifts
 
 
+def match_integer_kernels(model: keras.Model, int4_weights: bool = True) -> dict[str, list[int]]:
+    """Makes the Keras model's inference round like the integer file's kernels.
+
+    Sets `QuantActivation.set_requantization` on every activation quantizer
+    fed by a layer whose weights will be stored as INT4 (TFLite runs those in
+    its builtin kernels, which round twice), and clears it on the others
+    (INT8 weights run in XNNPACK, which rounds once). Call it after
+    `align_biases`. `export_model` calls both.
+
+    Returns:
+      The multiplier exponents per activation quantizer it set.
+    """
+    _, order, consumers = _prepare(model)
+    plan = _plan(order, consumers, int4_weights)
+    chosen = {}
+    for operation, _ in order:
+        if isinstance(operation, QuantActivation):
+            entry = plan.requantizations.get(id(operation))
+            operation.set_requantization(entry[1] if entry else None)
+            if entry:
+                chosen[operation.name] = entry[1]["exponents"]
+    # Traced predict functions hold the previous constants.
+    if getattr(model, "predict_function", None) is not None:
+        model.predict_function = None
+    return chosen
+
+
 class _Plan:
     """Per-layer constants decided before tracing (folding, codes, ranges)."""
 
@@ -224,6 +251,7 @@ class _Plan:
         self.int4_weights = True
         self.after_quantizer: set[int] = set()
         self.bias_shifts: dict[int, tuple] = {}
+        self.requantizations: dict[int, tuple] = {}
 
     def emit(self, operation, args):
         key = id(operation)
@@ -536,6 +564,20 @@ def _plan_kernel(plan: _Plan, layer, node, consumers):
         shift = np.round(bias / grid) * grid - bias
         report.bias_step = float(grid.max())
         plan.bias_shifts[id(layer)] = (layer, batch_norm, shift)
+        if isinstance(follower, QuantActivation) and q_max == 7:
+            # INT4 kernels run outside XNNPACK, in TFLite's builtin kernels,
+            # which requantize with a rounding doubling multiply and a
+            # rounding shift: two roundings (see QuantActivation.set_requantization).
+            form = plan.activation_forms[id(follower)]
+            multiplier = grid / float(form.scale)
+            plan.requantizations[id(follower)] = (
+                follower,
+                {
+                    "scale": float(form.scale),
+                    "offset": float(form.offset),
+                    "exponents": [int(e) for e in np.frexp(multiplier)[1]],
+                },
+            )
     plan.kernels[id(layer)] = (make_kernel, bias.astype(np.float32), input_form)
     plan.reports.append(report)
 
