@@ -42,6 +42,13 @@ def define_flags() -> None:
         "int4_weights", True, "Store 2..4-bit weights as packed INT4; --noint4_weights stores INT8."
     )
     flags.DEFINE_bool("allow_mismatch", False, "Write the file even below --min_agreement.")
+    flags.DEFINE_integer(
+        "per_layer",
+        0,
+        "Also compare every activation quantizer's codes with the file's tensor on this many "
+        "samples and print a table (where Keras and TFLite first differ).",
+        lower_bound=0,
+    )
     flags.DEFINE_bool(
         "post_training",
         False,
@@ -60,6 +67,7 @@ def run(
     allow_mismatch,
     post_training,
     int4_weights=True,
+    per_layer=0,
 ):
     import keras
 
@@ -92,6 +100,10 @@ def run(
     )
     lite.save_export(result, output_path)
     print(lite.format_report(result.report))
+    if per_layer and not post_training:
+        from tfquant.lite import verify
+
+        print(verify.format_layers(verify.compare_layers(model, result.content, x[:per_layer])))
     return result.report
 
 
@@ -111,6 +123,7 @@ def main(argv):
             FLAGS.allow_mismatch,
             FLAGS.post_training,
             FLAGS.int4_weights,
+            FLAGS.per_layer,
         )
     except (lite.ExportError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

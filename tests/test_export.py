@@ -158,6 +158,17 @@ def test_file_matches_keras_code_for_code(trained, digits, int4):
     assert bool(emulated) == int4, emulated
 
 
+def test_compare_layers_finds_each_quantizer_tensor(trained, digits):
+    from tfquant.lite import verify
+
+    result = lite.export_model(trained[1], digits.x_test, digits.y_test)
+    rows = verify.compare_layers(trained[1], result.content, digits.x_test[:32])
+    matched = [row for row in rows if row["tensor"] is not None]
+    assert len(matched) >= len(rows) - 1, rows
+    assert all(row["identical_codes"] >= 0.99 for row in matched), rows
+    assert "identical codes" in verify.format_layers(rows)
+
+
 def test_fixed_point_rounding_matches_the_kernel_formula():
     """TFLite: round(acc * m) then a rounding right shift by -e (ties up)."""
     rng = np.random.default_rng(0)

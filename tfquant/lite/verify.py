@@ -84,3 +84,79 @@ def _implied_step(values: np.ndarray) -> float:
     gaps = np.diff(np.unique(values))
     gaps = gaps[gaps > 1e-9]
     return float(gaps.min()) if gaps.size else 1.0
+
+
+def compare_layers(keras_model, content: bytes, x: np.ndarray) -> list[dict]:
+    """Each activation quantizer's codes in Keras against the file's tensor.
+
+    Runs both models on `x` (keep it small: the interpreter holds every
+    intermediate tensor) and, for each `QuantActivation`, finds the int8
+    tensor of the file on the same grid (by the layer's name, else by size and
+    scale). Where codes first differ, and how the difference grows with depth,
+    points at the layer to look at.
+
+    Returns:
+      One dict per quantizer, in model order: `layer`, `tensor` (None when the
+      file has no tensor on that grid: the converter merged it away),
+      `identical_codes` and `max_step_difference`.
+    """
+    import keras
+    from ai_edge_litert.interpreter import Interpreter
+
+    from tfquant.layers import QuantActivation
+
+    layers = [layer for layer in keras_model.layers if isinstance(layer, QuantActivation)]
+    if not layers:
+        return []
+    probe = keras.Model(keras_model.inputs, [layer.output for layer in layers])
+    outputs = probe.predict(np.asarray(x, np.float32), verbose=0)
+    outputs = outputs if isinstance(outputs, list) else [outputs]
+    interp = Interpreter(model_content=content, experimental_preserve_all_tensors=True)
+    detail = interp.get_input_details()[0]
+    batch = np.asarray(x, np.float32)
+    interp.resize_tensor_input(detail["index"], batch.shape)
+    interp.allocate_tensors()
+    detail = interp.get_input_details()[0]
+    if detail["dtype"] == np.int8:
+        scale, zero_point = detail["quantization"]
+        batch = np.clip(np.floor(batch / scale + 0.5) + zero_point, -128, 127).astype(np.int8)
+    interp.set_tensor(detail["index"], batch)
+    interp.invoke()
+    tensors = [t for t in interp.get_tensor_details() if t["dtype"] == np.int8]
+    rows = []
+    for layer, output in zip(layers, outputs, strict=True):
+        scale = float(np.ravel(layer.quantizer.inference_form().scale)[0])
+        same_grid = [
+            t
+            for t in tensors
+            if int(np.prod(t["shape"])) == output.size
+            and np.isclose(t["quantization"][0], scale, rtol=1e-5)
+        ]
+        named = [
+            t for t in same_grid if layer.name in {p.split("/")[0] for p in t["name"].split(";")}
+        ]
+        chosen = (named or same_grid or [None])[-1]
+        row = {"layer": layer.name, "tensor": None if chosen is None else chosen["name"]}
+        if chosen is not None:
+            step, zero_point = chosen["quantization"]
+            codes = interp.get_tensor(chosen["index"]).astype(np.int64).reshape(output.shape)
+            expected = np.clip(np.round(output / step) + zero_point, -128, 127).astype(np.int64)
+            difference = np.abs(codes - expected)
+            row["identical_codes"] = float((difference == 0).mean())
+            row["max_step_difference"] = int(difference.max())
+        rows.append(row)
+    return rows
+
+
+def format_layers(rows: list[dict]) -> str:
+    """`compare_layers` output as a text table."""
+    lines = [f"{'layer':32s} {'identical codes':>16s} {'max steps':>10s}"]
+    for row in rows:
+        if row["tensor"] is None:
+            lines.append(f"{row['layer']:32s} {'(merged)':>16s} {'':>10s}")
+        else:
+            lines.append(
+                f"{row['layer']:32s} {100 * row['identical_codes']:15.2f}% "
+                f"{row['max_step_difference']:10d}"
+            )
+    return "\n".join(lines)
