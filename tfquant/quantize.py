@@ -302,10 +302,38 @@ class _Builder:
                 new.set_weights(old.get_weights())
 
     def calibrate(self, qmodel, data):
+        """One inference pass in graph order; each activation quantizer is
+        initialized from its input as soon as that is computed, so it sees
+        the output of the quantizers upstream, already initialized."""
+        waiting: dict[int, list] = {}
         for quantizer, tensor in self.activation_quantizers:
-            probe = keras.Model(qmodel.inputs, tensor)
-            values = probe.predict(data, batch_size=128, verbose=0)
-            quantizer.initialize(values)
+            waiting.setdefault(id(tensor), []).append(quantizer)
+        order = graph.nodes_in_order(qmodel)
+        uses: dict[int, int] = {}
+        for _, node in order:
+            for tensor in node.input_tensors:
+                uses[id(tensor)] = uses.get(id(tensor), 0) + 1
+        values = {}
+
+        def computed(tensor, value):
+            for quantizer in waiting.pop(id(tensor), []):
+                quantizer.initialize(np.asarray(value))
+            values[id(tensor)] = value
+
+        computed(qmodel.inputs[0], tf.constant(data))
+        for operation, node in order:
+            if node.is_input:
+                continue
+            args, kwargs = node.arguments.fill_in(values)
+            if getattr(operation, "_call_has_training_arg", False):
+                kwargs["training"] = False
+            outputs = operation(*args, **kwargs)
+            for tensor in node.input_tensors:
+                uses[id(tensor)] -= 1
+                if not uses[id(tensor)]:
+                    values.pop(id(tensor), None)  # free what no later node reads
+            for tensor, value in zip(node.outputs, tf.nest.flatten(outputs), strict=True):
+                computed(tensor, value)
 
 
 def _calibration_array(data, samples: int) -> np.ndarray:
