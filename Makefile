@@ -1,5 +1,7 @@
 # make demo   train a small model with learned quantizers, export, print a table
 # make test   lint + the whole test suite;  make test-quick skips slow tests
+# make bench  every method at 8/4/3/2 bits vs float and tfmot -> docs/RESULTS.md (about an
+#             hour on 2 cores);  make bench-quick is a few-minute smoke run of it
 # Both create .venv and install what they need on first use.
 
 PYTHON ?= python3
@@ -7,7 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-quick lint format overhead clean
+.PHONY: install demo test test-quick lint format overhead bench bench-quick clean
 
 install: $(STAMP)
 
@@ -37,6 +39,13 @@ test-quick: lint
 overhead: install
 	$(PY) -m pip install --quiet -e ".[baseline]"
 	$(PY) -m train.benchmark_overhead
+
+bench: install
+	$(PY) -m pip install --quiet -e ".[baseline]"
+	$(PY) -m train.benchmark_results
+
+bench-quick: install
+	$(PY) -m train.benchmark_results --quick
 
 clean:
 	rm -rf $(VENV) demo_output

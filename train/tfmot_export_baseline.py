@@ -2,7 +2,9 @@
 
     TF_USE_LEGACY_KERAS=1 python -m train.tfmot_export_baseline --data=SPLIT.npz \\
         --output_dir=DIR [--float_epochs=8] [--finetune_epochs=3] [--batch_size=64] \\
-        [--float_learning_rate=1e-3] [--finetune_learning_rate=5e-4] [--seed=0]
+        [--float_learning_rate=1e-3] [--finetune_learning_rate=5e-4] [--seed=0] \\
+        [--model=resnet20|small_cnn] [--weight_bits=8] [--activation_bits=8] \\
+        [--name=tfmot_int8] [--batchnorm_momentum=M]
 
 The baseline half of `train.benchmark_export`, which runs it in its own
 process: tensorflow-model-optimization needs tf_keras (legacy Keras 2) and
@@ -15,11 +17,18 @@ converts it with the standard converter (`from_keras_model`,
 training rows only if the converter asks for one). The TFLite model then runs
 on the test rows.
 
+`--model=small_cnn` builds `train.models.small_cnn` instead (the
+`train.benchmark_results` baseline). `--weight_bits` / `--activation_bits`
+other than 8 use tfmot's experimental n-bit scheme
+(`DefaultNBitQuantizeScheme` through `quantize_annotate_model` and
+`quantize_apply`); the converted file still stores int8 tensors.
+
 `--data` is a NumPy archive holding `x_train`, `y_train`, `x_test` and
 `y_test` (float images in [0, 1], channels last; integer labels), the very
 arrays the Keras 3 half trained on.
 
-Writes `DIR/tfmot_int8.tflite` and `DIR/tfmot_int8.json`: `{"status": "ok",
+Writes `DIR/NAME.tflite` and `DIR/NAME.json` (NAME from `--name`, default
+`tfmot_int8`): `{"status": "ok",
 "keras_float_accuracy", "keras_accuracy", "tflite_accuracy", "top1_agreement",
 "identical_output_codes", "max_output_step_difference", "size_bytes", ...}`,
 or `{"status": "skipped", "reason": ...}` when tf_keras or
@@ -42,8 +51,10 @@ from typing import Any
 
 import numpy as np
 
-TFLITE_NAME = "tfmot_int8.tflite"
-REPORT_NAME = "tfmot_int8.json"
+DEFAULT_NAME = "tfmot_int8"
+TFLITE_NAME = DEFAULT_NAME + ".tflite"
+REPORT_NAME = DEFAULT_NAME + ".json"
+MODELS = ("resnet20", "small_cnn")
 INSTALL_HINT = "pip install -e .[baseline]"
 REPRESENTATIVE_SAMPLES = 256
 
@@ -87,6 +98,45 @@ def load_split(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
             archive["x_test"].astype(np.float32),
             archive["y_test"].astype(np.int32),
         )
+
+
+def small_cnn(keras_module, input_shape=(28, 28, 1), num_classes=10, width=16):
+    """`train.models.small_cnn`, layer for layer, built with `keras_module`."""
+    layers = keras_module.layers
+    blocks = (
+        ("block1", width, 1),
+        ("block2", 2 * width, 2 if input_shape[0] > 16 else 1),
+        ("block3", 4 * width, 1),
+    )
+    x = inputs = keras_module.Input(input_shape, name="image")
+    for name, filters, strides in blocks:
+        if name == "block3":
+            x = layers.MaxPooling2D(2, name="pool")(x)
+        x = layers.Conv2D(
+            filters, 3, strides=strides, padding="same", use_bias=False, name=name + "_conv"
+        )(x)
+        x = layers.BatchNormalization(name=name + "_bn")(x)
+        x = layers.ReLU(name=name + "_relu")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = layers.Dense(num_classes, name="logits")(x)
+    return keras_module.Model(inputs, outputs, name="small_cnn")
+
+
+def quantize_for_qat(tfmot, model, weight_bits: int = 8, activation_bits: int = 8):
+    """tfmot's default 8-bit QAT model, or its experimental n-bit scheme for
+    other widths. Returns the model and the scheme's description."""
+    keras_api = tfmot.quantization.keras
+    if (weight_bits, activation_bits) == (8, 8):
+        return keras_api.quantize_model(model), "tfmot default 8-bit (Default8BitQuantizeScheme)"
+    scheme = keras_api.experimental.default_n_bit.DefaultNBitQuantizeScheme(
+        num_bits_weight=weight_bits, num_bits_activation=activation_bits
+    )
+    annotated = keras_api.quantize_annotate_model(model)
+    return (
+        keras_api.quantize_apply(annotated, scheme=scheme),
+        f"tfmot experimental DefaultNBitQuantizeScheme(num_bits_weight={weight_bits}, "
+        f"num_bits_activation={activation_bits})",
+    )
 
 
 def run_int8_tflite(content: bytes, x: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, Any]:
@@ -173,11 +223,18 @@ def run_baseline(
     float_learning_rate: float = 1e-3,
     finetune_learning_rate: float = 5e-4,
     seed: int = 0,
+    model: str = "resnet20",
+    weight_bits: int = 8,
+    activation_bits: int = 8,
+    name: str = DEFAULT_NAME,
+    batchnorm_momentum: float | None = None,
 ) -> dict[str, Any]:
-    """Trains, QAT-fine-tunes and converts the tf_keras ResNet-20; returns the report.
+    """Trains, QAT-fine-tunes and converts the tf_keras model; returns the report.
 
-    Writes `TFLITE_NAME` into `output_dir` when it succeeds.
+    Writes `NAME.tflite` into `output_dir` when it succeeds.
     """
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
     os.environ["TF_USE_LEGACY_KERAS"] = "1"  # before TensorFlow resolves tf.keras
     try:
         import tensorflow_model_optimization as tfmot
@@ -188,6 +245,7 @@ def run_baseline(
 
     from train.tfmot_step_timer import resnet20
 
+    builder = resnet20 if model == "resnet20" else small_cnn
     x_train, y_train, x_test, y_test = load_split(data)
     num_classes = int(max(y_train.max(), y_test.max())) + 1
     tf_keras.utils.set_random_seed(seed)
@@ -204,25 +262,25 @@ def run_baseline(
         return float(accuracy), seconds
 
     log(
-        f"  tf_keras ResNet-20 {'x'.join(map(str, x_train.shape[1:]))}: float, "
+        f"  tf_keras {model} {'x'.join(map(str, x_train.shape[1:]))}: float, "
         f"{float_epochs} epochs of Adam({float_learning_rate:g}), seed {seed}"
     )
-    float_model = resnet20(tf_keras, x_train.shape[1:], num_classes)
+    float_model = builder(tf_keras, x_train.shape[1:], num_classes)
+    for layer in float_model.layers:
+        if batchnorm_momentum is not None and isinstance(layer, tf_keras.layers.BatchNormalization):
+            layer.momentum = batchnorm_momentum
     float_accuracy, float_seconds = fit(float_model, float_epochs, float_learning_rate)
     log(f"  tf_keras float test accuracy {100 * float_accuracy:.2f}% ({float_seconds:.0f} s)")
 
-    qat_model = tfmot.quantization.keras.quantize_model(float_model)
-    log(
-        f"  tfmot.quantization.keras.quantize_model (default 8-bit): {finetune_epochs} epochs "
-        f"of Adam({finetune_learning_rate:g})"
-    )
+    qat_model, scheme = quantize_for_qat(tfmot, float_model, weight_bits, activation_bits)
+    log(f"  {scheme}: {finetune_epochs} epochs of Adam({finetune_learning_rate:g})")
     qat_accuracy, qat_seconds = fit(qat_model, finetune_epochs, finetune_learning_rate)
     log(f"  tfmot QAT Keras test accuracy {100 * qat_accuracy:.2f}% ({qat_seconds:.0f} s)")
 
     start = time.perf_counter()
     content, representative = convert_int8(tf, qat_model, x_train)
     convert_seconds = time.perf_counter() - start
-    path = os.path.join(output_dir, TFLITE_NAME)
+    path = os.path.join(output_dir, name + ".tflite")
     write_atomically(path, content)
     reference = qat_model.predict(x_test, batch_size=256, verbose=0)
     raw, detail = run_int8_tflite(content, x_test)
@@ -251,7 +309,11 @@ def run_baseline(
             "float_learning_rate": float_learning_rate,
             "finetune_learning_rate": finetune_learning_rate,
             "seed": seed,
-            "scheme": "tfmot default 8-bit (Default8BitQuantizeScheme)",
+            "model": model,
+            "batchnorm_momentum": batchnorm_momentum,
+            "weight_bits": weight_bits,
+            "activation_bits": activation_bits,
+            "scheme": scheme,
             "converter": "TFLiteConverter.from_keras_model, Optimize.DEFAULT, int8 in/out",
         },
         "versions": {
@@ -265,7 +327,7 @@ def run_baseline(
 def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m train.tfmot_export_baseline",
-        description="tfmot 8-bit QAT of ResNet-20, converted to int8 TFLite (needs "
+        description="tfmot QAT of ResNet-20 or the small CNN, converted to int8 TFLite (needs "
         "TF_USE_LEGACY_KERAS=1).",
     )
     parser.add_argument("--data", required=True, help="NumPy archive with the split.")
@@ -276,10 +338,20 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--float_learning_rate", type=float, default=1e-3)
     parser.add_argument("--finetune_learning_rate", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", choices=MODELS, default="resnet20")
+    parser.add_argument("--weight_bits", type=int, default=8)
+    parser.add_argument("--activation_bits", type=int, default=8)
+    parser.add_argument("--name", default=DEFAULT_NAME, help="Stem of the output files.")
+    parser.add_argument(
+        "--batchnorm_momentum", type=float, default=None, help="Default: the layers' own."
+    )
     arguments = parser.parse_args(argv)
     for name in ("float_epochs", "finetune_epochs", "batch_size"):
         if getattr(arguments, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(arguments, name)}")
+    for name in ("weight_bits", "activation_bits"):
+        if not 2 <= getattr(arguments, name) <= 8:
+            parser.error(f"--{name} must be in 2..8, got {getattr(arguments, name)}")
     return arguments
 
 
@@ -296,11 +368,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         arguments.float_learning_rate,
         arguments.finetune_learning_rate,
         arguments.seed,
+        arguments.model,
+        arguments.weight_bits,
+        arguments.activation_bits,
+        arguments.name,
+        arguments.batchnorm_momentum,
     )
     if result["status"] != "ok":
         log(f"  tfmot baseline {result['status']}: {result['reason']}")
     write_atomically(
-        os.path.join(arguments.output_dir, REPORT_NAME), json.dumps(result, indent=2) + "\n"
+        os.path.join(arguments.output_dir, arguments.name + ".json"),
+        json.dumps(result, indent=2) + "\n",
     )
 
 
