@@ -170,3 +170,30 @@ def test_scheme_presets():
     assert (scheme.weights, scheme.activations) == ("lsq", "pact")
     assert (scheme.resolved_weight_bits, scheme.resolved_activation_bits) == (2, 3)
     assert tfquant.Scheme.from_any(scheme.to_dict()) == scheme
+
+
+def test_qn_level_preset_gives_way_to_first_last_bits():
+    float_model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+    )
+    scheme = {
+        "weights": {"class_name": "qn", "config": {"levels": "3(+-4)"}},
+        "activations": "qn",
+        "bits": 3,
+        "first_last_bits": 8,
+    }
+    qmodel = tfquant.quantize_model(float_model, scheme)
+    kernels = [
+        layer.kernel_quantizer for layer in qmodel.layers if hasattr(layer, "kernel_quantizer")
+    ]
+    first, middle, last = kernels
+    assert middle.levels == "3(+-4)"
+    for quantizer in (first, last):
+        assert quantizer.levels is None
+        assert quantizer.inference_form(np.ones((3, 3))).bits == 8

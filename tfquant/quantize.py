@@ -199,10 +199,19 @@ class _Builder:
         self.activation_quantizers: list[tuple[quantizers.Quantizer, Any]] = []
 
     # -- quantizer factories
-    def _quantizer(self, spec, bits, signed, for_weights=False):
+    def _quantizer(self, spec, bits, signed, for_weights=False, first_last=False):
         quantizer = quantizers.get(spec, signed=signed, for_weights=for_weights)
         config = quantizer.get_config()
         config.update(bits=bits, signed=signed)
+        if (
+            first_last
+            and config.get("levels") is not None
+            and type(quantizer).registered_name == "qn"
+        ):
+            # An explicit QN level set (a preset such as "3(+-4)") fixes the
+            # codes whatever `bits` says; the first and last layers get the
+            # uniform set of their own bit width instead.
+            config["levels"] = None
         if "for_weights" in config:
             config["for_weights"] = for_weights
         config.pop("name", None)
@@ -229,10 +238,14 @@ class _Builder:
             config = layer.get_config()
             config["activation"] = "linear"
             bits = scheme.resolved_weight_bits
-            if scheme.first_last_bits and layer in (self.graph.first, self.graph.last):
+            first_last = bool(scheme.first_last_bits) and layer in (
+                self.graph.first,
+                self.graph.last,
+            )
+            if first_last:
                 bits = scheme.first_last_bits
             config["kernel_quantizer"] = self._quantizer(
-                scheme.weights, bits, signed=True, for_weights=True
+                scheme.weights, bits, signed=True, for_weights=True, first_last=first_last
             )
             new = quant_class.from_config(config)
             self.inline_activation[id(new)] = _name_of(layer.activation)
