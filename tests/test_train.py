@@ -195,6 +195,11 @@ def _main_with_flags(argv):
         (["--weight_bits=0"], "--weight_bits=0"),
         (["--dataset=npz:/missing.npz"], "--dataset=npz:/missing.npz"),
         (["--strategy=mirrored", "--batch_size=63"], "--batch_size=63"),
+        (
+            ["--method=cpq", '--weight_quantizer_options={"learn_bits": 1'],
+            '--weight_quantizer_options={"learn_bits": 1: not valid JSON',
+        ),
+        (["--method=qn", "--qn_phases=2,2,2"], "--qn_phases=2,2,2"),
     ],
 )
 def test_bad_flags_exit_and_write_nothing(tmp_path, capsys, cpu_devices, args, message):
@@ -460,6 +465,195 @@ def test_recipes_parse_and_validate(recipe):
         config = binary.config_from_flags()
     finally:
         flags.FLAGS.unparse_flags()
+    if config.dataset.startswith("npz:"):
+        data = config.dataset[len("npz:") :].split(":")[0]
+        if not os.path.exists(data):
+            pytest.skip(f"{recipe}: the data file {data} is not on this machine")
     trainer.validate_config(config)
     if config.method != "float":
         assert config.method in tfquant.quantizers.registered_names()
+
+
+# ---------------------------------------------------------------- quantizer options
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (
+            {"method": "cpq", "weight_quantizer_options": '{"learn_bits": true'},
+            '--weight_quantizer_options={"learn_bits": true: not valid JSON',
+        ),
+        (
+            {"method": "cpq", "activation_quantizer_options": "[1, 2]"},
+            r"--activation_quantizer_options=\[1, 2\]: must be a JSON object",
+        ),
+        (
+            {"method": "cpq", "weight_quantizer_options": '{"learn_bit": true}'},
+            '--weight_quantizer_options={"learn_bit": true}: not accepted by the '
+            "'cpq' weight quantizer.*learn_bit",
+        ),
+        (
+            {"method": "cpq", "weight_quantizer_options": {"gate_scale": -1.0}},
+            '--weight_quantizer_options={"gate_scale": -1.0}: .*gate_scale must be',
+        ),
+        (
+            # Two rates fit the 4-bit layers, not the 8-bit first and last ones.
+            {"method": "cpq", "weight_quantizer_options": '{"drop_rates": [0.1, 0.05]}'},
+            "--weight_quantizer_options=.*at 8 bits: drop_rates needs one rate per",
+        ),
+        (
+            {"method": "cpq", "weight_quantizer_options": '{"bits": 3}'},
+            "--weight_quantizer_options=.*'bits'.* set from the bit-width flags",
+        ),
+        (
+            # 'pact' quantizes weights with LSQ, which learns no bit widths.
+            {"method": "pact", "weight_quantizer_options": '{"learn_bits": true}'},
+            "--weight_quantizer_options=.*'lsq' weight quantizer",
+        ),
+        (
+            {"method": "float", "weight_quantizer_options": '{"learn_bits": true}'},
+            "--weight_quantizer_options=.*--method=float has no quantizers",
+        ),
+        (
+            {"method": "float", "activation_quantizer_options": '{"sigma_ratio": 0.5}'},
+            "--activation_quantizer_options=.*--method=float",
+        ),
+    ],
+)
+def test_bad_quantizer_options_name_the_flag(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        trainer.validate_config(trainer.TrainConfig(**overrides))
+
+
+def test_quantizer_options_reach_the_quantizers():
+    config = trainer.TrainConfig(
+        method="cpq",
+        weight_quantizer_options='{"learn_bits": true, "bit_regularization": 0.01}',
+        activation_quantizer_options='{"sigma_ratio": 0.5}',
+    )
+    trainer.validate_config(config)
+    assert config.weight_quantizer_options == {"learn_bits": True, "bit_regularization": 0.01}
+    assert json.loads(json.dumps(config.to_dict()))["activation_quantizer_options"] == {
+        "sigma_ratio": 0.5
+    }
+    scheme = config.scheme()
+    assert scheme.weights == {
+        "class_name": "cpq",
+        "config": {"learn_bits": True, "bit_regularization": 0.01},
+    }
+    weight = tfquant.quantizers.get(scheme.weights, signed=True, for_weights=True)
+    activation = tfquant.quantizers.get(scheme.activations, signed=False)
+    assert weight.learn_bits and weight.gated and weight.bit_regularization == 0.01
+    assert activation.sigma_ratio == 0.5 and not activation.learn_bits
+    # Without options the scheme keeps plain names; 'pact' keeps LSQ weights.
+    assert trainer.TrainConfig(method="cpq").scheme().weights == "cpq"
+    pact = trainer.TrainConfig(method="pact", activation_quantizer_options={"initial_alpha": 4.0})
+    assert pact.scheme().weights == "lsq"
+    assert pact.scheme().activations == {"class_name": "pact", "config": {"initial_alpha": 4.0}}
+
+
+def test_learned_bits_regularizer_in_the_fit_loss():
+    """The gates' penalty (add_loss) reaches the gradients of `fit`'s train_step."""
+    config = trainer.TrainConfig(
+        method="cpq",
+        weight_quantizer_options={"learn_bits": True, "bit_regularization": 100.0},
+        **QUICK,
+    )
+    trainer.validate_config(config)
+    pipeline = input_pipeline.make_pipeline("digits", 32, steps_per_epoch=1)
+    network = trainer.build_network(config, pipeline)
+    gated = [
+        layer.kernel_quantizer
+        for layer in network.layers
+        if getattr(getattr(layer, "kernel_quantizer", None), "gated", False)
+    ]
+    assert gated
+    before = [q.log_alpha().numpy() for q in gated]
+    model = trainer.TrainingModel(network)
+    model.setup_optimizers(keras.optimizers.SGD(1e-3), keras.optimizers.SGD(1e-3))
+    model.fit(pipeline.train_dataset(0, 1), epochs=1, steps_per_epoch=1, shuffle=False, verbose=0)
+    # The penalty dominates: every gate logit moves towards closing.
+    for quantizer, old in zip(gated, before, strict=True):
+        assert np.all(quantizer.log_alpha().numpy() < old)
+    report = trainer.learned_bits_report(network)
+    assert set(report["layers"]) == {"block1_conv", "block2_conv", "block3_conv", "logits"}
+    without = trainer.build_network(trainer.TrainConfig(method="cpq", **QUICK), pipeline)
+    assert trainer.learned_bits_report(without) is None
+
+
+@pytest.mark.slow
+def test_cpq_learned_bits_are_recorded(tmp_path, capsys):
+    config = _quick_config(
+        method="cpq",
+        steps_per_epoch=2,
+        weight_quantizer_options='{"learn_bits": true, "bit_regularization": 0.001}',
+    )
+    trainer.validate_config(config)
+    result = trainer.train(config, str(tmp_path), verbose=0)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert 2.0 <= metrics[-1]["average_weight_bits"] <= 8.0
+    assert metrics[-1]["learned_weight_bits"] and result["average_weight_bits"] > 0
+    assert "learned weight bits" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["weight_quantizer_options"]["learn_bits"] is True
+    assert saved["scheme"]["weights"]["config"]["learn_bits"] is True
+
+
+@pytest.mark.slow
+def test_finished_run_started_again_keeps_its_weights(tmp_path, capsys):
+    import keras
+
+    config = _quick_config(method="lsq", steps_per_epoch=2)
+    trainer.train(config, str(tmp_path), verbose=0)
+    first = keras.models.load_model(tmp_path / "final.keras").get_weights()
+    trainer.train(config, str(tmp_path), verbose=0)
+    again = keras.models.load_model(tmp_path / "final.keras").get_weights()
+    assert "epochs are done" in capsys.readouterr().out
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------- QN phases
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (
+            {"method": "lsq", "qn_phases": "1,1,1", "epochs": 3},
+            "--qn_phases=1,1,1: needs --method=qn",
+        ),
+        ({"method": "qn", "qn_phases": "1,1", "epochs": 2}, "--qn_phases=1,1: use three"),
+        ({"method": "qn", "qn_phases": "1,-1,2", "epochs": 2}, "--qn_phases=1,-1,2: use three"),
+        ({"method": "qn", "qn_phases": "1,1,1", "epochs": 4}, "--qn_phases=1,1,1: .*--epochs is 4"),
+    ],
+)
+def test_bad_qn_phases_name_the_flag(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        trainer.validate_config(trainer.TrainConfig(**overrides))
+
+
+def test_qn_phases_switch_the_quantizers_per_epoch(capsys):
+    from tfquant.quantizers import qnet
+
+    config = trainer.TrainConfig(method="qn", qn_phases="1,2,1", **{**QUICK, "epochs": 4})
+    trainer.validate_config(config)
+    assert [trainer.qn_phase_at(e, (1, 2, 1)) for e in range(5)] == [
+        "weights",
+        "activations",
+        "activations",
+        "both",
+        "both",
+    ]
+    pipeline = input_pipeline.make_pipeline("digits", 32, steps_per_epoch=1)
+    network = trainer.build_network(config, pipeline)
+    hooks = trainer._epoch_hooks(network, config)
+    quantizers = qnet.qn_quantizers(network)
+    for epoch, phase in enumerate(("weights", "activations", "activations", "both")):
+        for hook in hooks:
+            hook(epoch)
+        for quantizer, role in quantizers:
+            on = phase in ("both", role)
+            assert float(quantizer.enabled.numpy()) == (1.0 if on else 0.0), (epoch, role)
+    assert "epoch 1 | QN phase weights" in capsys.readouterr().out

@@ -23,6 +23,24 @@ _METHOD = flags.DEFINE_string(
     "A registered quantizer name (tfquant.quantizers.registered_names()) "
     "used for weights and activations ('pact' uses LSQ weights), or 'float'.",
 )
+_WEIGHT_QUANTIZER_OPTIONS = flags.DEFINE_string(
+    "weight_quantizer_options",
+    "{}",
+    "JSON object of extra constructor arguments of the weight quantizer of --method, "
+    'e.g. \'{"learn_bits": true, "bit_regularization": 0.01}\' for cpq.',
+)
+_ACTIVATION_QUANTIZER_OPTIONS = flags.DEFINE_string(
+    "activation_quantizer_options",
+    "{}",
+    "JSON object of extra constructor arguments of the activation quantizer of --method.",
+)
+_QN_PHASES = flags.DEFINE_string(
+    "qn_phases",
+    "",
+    "--method=qn only: epochs of the three training phases 'WEIGHTS,ACTIVATIONS,BOTH' "
+    "(weight quantizers only, then activation quantizers only, then both; they must add "
+    "up to --epochs). Empty: both from the start.",
+)
 _WEIGHT_BITS = flags.DEFINE_integer("weight_bits", 4, "Weight bit width (2..8).")
 _ACTIVATION_BITS = flags.DEFINE_integer("activation_bits", 4, "Activation bit width (2..8).")
 _FIRST_LAST_BITS = flags.DEFINE_string(
@@ -109,6 +127,9 @@ def config_from_flags():
         labels=_LABELS.value,
         distill_temperature=_DISTILL_TEMPERATURE.value,
         distill_weight=_DISTILL_WEIGHT.value,
+        weight_quantizer_options=_WEIGHT_QUANTIZER_OPTIONS.value,
+        activation_quantizer_options=_ACTIVATION_QUANTIZER_OPTIONS.value,
+        qn_phases=_QN_PHASES.value,
     )
 
 

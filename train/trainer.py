@@ -22,7 +22,16 @@ What `train` does, in order:
   4. writes `metrics.json` after every epoch (atomically), TensorBoard scalars
      (`model_dir/tensorboard`: loss, accuracy and every quantizer's
      `parameters()`, prefixed by layer name), `config.json`, and at the end
-     `final.keras` and a SavedModel in `saved_model/`.
+     `final.keras` and a SavedModel in `saved_model/`. When kernel quantizers
+     learn their bit widths (CPQ with `learn_bits`), each epoch also records
+     `average_weight_bits` (parameter-weighted) and `learned_weight_bits` (per
+     layer) and prints them on one line.
+
+Quantizer options: `weight_quantizer_options` and `activation_quantizer_options`
+(JSON objects on the command line) are extra constructor arguments of the
+method's quantizers, e.g. `{"learn_bits": true, "bit_regularization": 1e-3}`
+for CPQ weights; the learned-bits penalty they enable (`add_loss`) is part of
+the training loss on both training paths.
 
 Loss: sparse softmax cross-entropy on the logits, summed over the replica's
 examples and divided by the *global* batch, so the gradient summed over
@@ -54,7 +63,8 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
 import tfquant
-from tfquant import fileio
+from tfquant import fileio, quantizers
+from tfquant.quantizers import cpq
 from tfquant.quantizers.base import Quantizer, check_bits, registered_names
 from train import input_pipeline, models
 from train import strategy as strategy_lib
@@ -63,6 +73,9 @@ FIT_STRATEGIES = ("off", "one_device", "mirrored")
 LOOP_STRATEGIES = ("multi_worker_mirrored", "tpu")
 _BACKUP = "backup"
 _CHECKPOINTS = "checkpoints"
+# Quantizer arguments the binary sets itself (from the bit-width flags and the
+# quantizer's role); --*_quantizer_options may not override them.
+_RESERVED_OPTIONS = ("bits", "signed", "for_weights")
 
 
 @dataclasses.dataclass
@@ -99,6 +112,22 @@ class TrainConfig:
     distill_temperature: float = 1.0
     distill_weight: float = 0.5
     calibration_samples: int = 512
+    weight_quantizer_options: dict | str = dataclasses.field(default_factory=dict)
+    activation_quantizer_options: dict | str = dataclasses.field(default_factory=dict)
+    qn_phases: str = ""
+
+    def __post_init__(self):
+        # The flags give JSON text: keep it parsed when it is an object; anything
+        # else stays as given for `validate_config` to report.
+        for flag in ("weight_quantizer_options", "activation_quantizer_options"):
+            value = getattr(self, flag)
+            if isinstance(value, str):
+                try:
+                    parsed = json.loads(value) if value.strip() else {}
+                except ValueError:
+                    continue
+                if isinstance(parsed, dict):
+                    setattr(self, flag, parsed)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -107,13 +136,18 @@ class TrainConfig:
     def quantized(self) -> bool:
         return self.method != "float"
 
+    @property
+    def weight_method(self) -> str:
+        """The weight quantizer of `method` ('pact' quantizes weights with LSQ)."""
+        return "lsq" if self.method == "pact" else self.method
+
     def scheme(self) -> tfquant.Scheme | None:
         if not self.quantized:
             return None
         first_last = None if self.first_last_bits == "same" else int(self.first_last_bits)
         return tfquant.Scheme(
-            weights="lsq" if self.method == "pact" else self.method,
-            activations=self.method,
+            weights=_quantizer_spec(self.weight_method, self.weight_quantizer_options),
+            activations=_quantizer_spec(self.method, self.activation_quantizer_options),
             bits=self.weight_bits,
             weight_bits=self.weight_bits,
             activation_bits=self.activation_bits,
@@ -121,8 +155,69 @@ class TrainConfig:
         )
 
 
+def _quantizer_spec(name: str, options: dict) -> str | dict:
+    """A quantizer name, or `{"class_name": name, "config": options}` with options."""
+    return {"class_name": name, "config": dict(options)} if options else name
+
+
 def _bad(flag: str, value: Any, why: str) -> ValueError:
+    if isinstance(value, dict):
+        value = json.dumps(value)
     return ValueError(f"--{flag}={value}: {why}")
+
+
+def _check_quantizer_options(config: TrainConfig) -> None:
+    """JSON objects of arguments the method's quantizers accept; each is tried
+    by constructing the quantizer at every bit width the scheme gives it."""
+    weight_bits = [config.weight_bits]
+    if config.first_last_bits != "same" and int(config.first_last_bits) != config.weight_bits:
+        weight_bits.append(int(config.first_last_bits))
+    roles = (
+        ("weight_quantizer_options", config.weight_method, weight_bits, True),
+        ("activation_quantizer_options", config.method, [config.activation_bits], False),
+    )
+    for flag, name, bit_widths, for_weights in roles:
+        options = getattr(config, flag)
+        if isinstance(options, str):
+            try:
+                options = json.loads(options)
+            except ValueError as error:
+                raise _bad(flag, options, f"not valid JSON ({error})") from None
+        if not isinstance(options, dict):
+            raise _bad(
+                flag,
+                getattr(config, flag),
+                f"must be a JSON object of quantizer arguments, got {type(options).__name__}",
+            )
+        if not options:
+            continue
+        if not config.quantized:
+            raise _bad(flag, options, "--method=float has no quantizers to configure")
+        reserved = sorted(set(options) & set(_RESERVED_OPTIONS))
+        if reserved:
+            raise _bad(
+                flag,
+                options,
+                f"{reserved} are set from the bit-width flags and the quantizer's role; "
+                "remove them",
+            )
+        for bits in bit_widths:
+            try:
+                quantizers.get(
+                    {"class_name": name, "config": options},
+                    bits=bits,
+                    signed=for_weights,
+                    for_weights=for_weights,
+                )
+            except (TypeError, ValueError) as error:
+                # Keras wraps constructor errors in a deserialization message; keep the cause.
+                why = str(error).split("Exception encountered:")[-1].strip()
+                role = "weight" if for_weights else "activation"
+                raise _bad(
+                    flag,
+                    options,
+                    f"not accepted by the {name!r} {role} quantizer at {bits} bits: {why}",
+                ) from None
 
 
 def validate_config(config: TrainConfig) -> None:
@@ -144,6 +239,7 @@ def validate_config(config: TrainConfig) -> None:
             check_bits(int(config.first_last_bits), "the first and last layers")
         except ValueError as error:
             raise _bad("first_last_bits", config.first_last_bits, f"{error} (or 'same')") from None
+    _check_quantizer_options(config)
     if config.quantized:
         try:
             config.scheme()
@@ -178,6 +274,22 @@ def validate_config(config: TrainConfig) -> None:
         raise _bad("distill_temperature", config.distill_temperature, "must be > 0")
     if not 0 <= config.distill_weight <= 1:
         raise _bad("distill_weight", config.distill_weight, "must be in [0, 1]")
+    if config.qn_phases:
+        if config.method != "qn":
+            raise _bad("qn_phases", config.qn_phases, "needs --method=qn")
+        epochs = qn_phase_epochs(config.qn_phases)
+        if epochs is None:
+            raise _bad(
+                "qn_phases",
+                config.qn_phases,
+                "use three epoch counts >= 0 'WEIGHTS,ACTIVATIONS,BOTH', e.g. '3,3,4'",
+            )
+        if sum(epochs) != config.epochs:
+            raise _bad(
+                "qn_phases",
+                config.qn_phases,
+                f"the phases last {sum(epochs)} epochs, --epochs is {config.epochs}",
+            )
     for flag in ("init_from", "distill_from"):
         path = getattr(config, flag)
         if path and not path.endswith(".keras"):
@@ -453,19 +565,36 @@ class RunRecorder:
         row = {"epoch": epoch}
         row.update({k: float(v) for k, v in logs.items()})
         row["seconds"] = time.perf_counter() - self.epoch_start
+        bits = learned_bits_report(self.network)
+        if bits is not None:
+            row["average_weight_bits"] = bits["average_weight_bits"]
+            row["learned_weight_bits"] = bits["layers"]
         quantizer_values = self.quantizer_scalars()
         self.history.append(row)
         if self.enabled:
             fileio.write_atomically(self.path, json.dumps(self.history, indent=1))
             with self.writer.as_default(step=epoch + 1):
                 for key, value in row.items():
-                    if key not in ("epoch", "seconds"):
+                    if key not in ("epoch", "seconds") and isinstance(value, float):
                         write_scalar(key, value, epoch + 1)
                 for key, value in quantizer_values.items():
                     write_scalar(key, value, epoch + 1)
             self.writer.flush()
         print(format_epoch(row), flush=True)
+        if bits is not None:
+            print(format_bits(row), flush=True)
         return row
+
+
+def learned_bits_report(network: keras.Model) -> dict | None:
+    """`cpq.report_bits(network)` when a kernel quantizer learns its bit width
+    (CPQ with `learn_bits`), else None."""
+    learning = any(
+        isinstance(getattr(layer, "kernel_quantizer", None), cpq.CPQQuantizer)
+        and layer.kernel_quantizer.gated
+        for layer in network.layers
+    )
+    return cpq.report_bits(network) if learning else None
 
 
 def write_scalar(tag: str, value: float, step: int) -> None:
@@ -488,6 +617,14 @@ def format_epoch(row: dict) -> str:
             parts.append(f"{key} {100 * value:.2f}%" if "acc" in key else f"{key} {value:.4f}")
     parts.append(f"{row['seconds']:.1f}s")
     return " | ".join(parts)
+
+
+def format_bits(row: dict) -> str:
+    layers = ", ".join(f"{name}={bits}" for name, bits in row["learned_weight_bits"].items())
+    return (
+        f"epoch {row['epoch'] + 1} | learned weight bits {layers} | "
+        f"average {row['average_weight_bits']:.2f}"
+    )
 
 
 def format_table(history: list[dict]) -> str:
@@ -552,8 +689,29 @@ class _EpochCallback(keras.callbacks.Callback):
         self.recorder.record(epoch, logs or {})
 
 
+def qn_phase_epochs(text: str) -> tuple[int, int, int] | None:
+    """'W,A,B' (epochs of QN's weights, activations and both phases), or None."""
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        return None
+    return tuple(int(p) for p in parts)
+
+
+def qn_phase_at(epoch: int, epochs: tuple[int, int, int]) -> str:
+    """The QN phase of a (0-based) epoch; epochs past the schedule train both."""
+    from tfquant.quantizers import qnet
+
+    end = 0
+    for phase, length in zip(qnet.PHASES, epochs, strict=True):
+        end += length
+        if epoch < end:
+            return phase
+    return "both"
+
+
 def _epoch_hooks(network: keras.Model, config: TrainConfig):
-    """Per-epoch schedules of the methods that have one (QN's temperature)."""
+    """Per-epoch schedules of the methods that have one (QN's temperature and,
+    with `qn_phases`, its weights / activations / both phases)."""
     hooks = []
     if config.method == "qn":
         from tfquant.quantizers import qnet
@@ -562,6 +720,20 @@ def _epoch_hooks(network: keras.Model, config: TrainConfig):
         scheduler.set_model(network)
         scheduler.on_train_begin()
         hooks.append(scheduler.on_epoch_begin)
+        if config.qn_phases:
+            epochs = qn_phase_epochs(config.qn_phases)
+
+            def set_phase(epoch):
+                # Set from the epoch alone, so a resumed run is in the right phase.
+                phase = qn_phase_at(epoch, epochs)
+                counts = qnet.qn_phase(network, phase)
+                print(
+                    f"epoch {epoch + 1} | QN phase {phase}: {counts['on']} quantizers on, "
+                    f"{counts['off']} off",
+                    flush=True,
+                )
+
+            hooks.append(set_phase)
     return hooks
 
 
@@ -661,6 +833,10 @@ def _train_with_fit(config, model, pipeline, recorder, hooks, output_dir, verbos
     start_epoch = _fit_start_epoch(backup_dir)
     recorder.start(start_epoch)
     if start_epoch >= config.epochs:
+        # A finished run started again: the result is the backup's weights,
+        # not the freshly built model's (fit would not run to restore them).
+        model.load_weights(os.path.join(backup_dir, "latest.weights.h5"))
+        print(f"all {config.epochs} epochs are done; weights from the backup", flush=True)
         return recorder.history
     if start_epoch:
         print(f"resuming from the backup after epoch {start_epoch}", flush=True)
