@@ -561,6 +561,7 @@ def test_quantize_model_trains_and_exports_to_an_integer_model():
         "weights": {"class_name": "qn", "config": {"levels": "3(+-4)"}},
         "activations": {"class_name": "qn", "config": {"threshold_init": "uniform"}},
         "bits": 4,
+        "first_last_bits": None,  # every layer on the preset, first and last included
     }
     qmodel = tfquant.quantize_model(float_model, scheme, calibration_data=x)
     found = qn_quantizers(qmodel)
