@@ -52,11 +52,25 @@ def test_residual_functional_model(data):
     found = _quantizers_of(qmodel)
     kernel_bits = [q.bits for _, attr, q in found if attr == "kernel_quantizer"]
     assert kernel_bits == [8, 4, 4, 8]  # first and last layers at 8 bits
-    # The Add's non-quantized input (conv + BN) is requantized; its output feeds
-    # only a ReLU, whose quantizer covers it.
-    add = next(layer for layer in qmodel.layers if isinstance(layer, L.Add))
-    add_inputs = [t._keras_history.operation for t in add.input]
-    assert sum(isinstance(op, QuantActivation) for op in add_inputs) == 2
+    # The Add's non-quantized input (conv + BN) is requantized, and so is its
+    # output, before the ReLU's quantizer, whatever the method (the integer
+    # ADD rounds inexactly; a fine 8-bit grid keeps that off the k-bit codes).
+    for scheme in ("qil_w4a4", "lsq_w4a4"):
+        quantized = (
+            qmodel
+            if scheme == "qil_w4a4"
+            else tfquant.quantize_model(model, scheme, calibration_data=data)
+        )
+        add = next(layer for layer in quantized.layers if isinstance(layer, L.Add))
+        add_inputs = [t._keras_history.operation for t in add.input]
+        assert sum(isinstance(op, QuantActivation) for op in add_inputs) == 2
+        following = [
+            layer
+            for layer in quantized.layers
+            if isinstance(layer, QuantActivation) and layer.input._keras_history.operation is add
+        ]
+        assert len(following) == 1, scheme
+        assert following[0].activation_name == "linear" and following[0].quantizer.bits == 8
     # Weights copied, quantizers initialized: at 8 bits, close to the float model.
     q8 = tfquant.quantize_model(
         model, {"weights": "lsq", "activations": "lsq", "bits": 8}, calibration_data=data

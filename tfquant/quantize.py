@@ -123,11 +123,10 @@ def _as_functional(model) -> keras.Model:
 
 
 class _ModelGraph:
-    """The float model's layers, their consumers, and the output layers."""
+    """The float model's layers and its output layers."""
 
     def __init__(self, model: keras.Model):
         self.model = model
-        self.consumers = graph.consumers_of(graph.nodes_in_order(model))
         self.output_layers = {id(graph.producer(t)) for t in model.outputs}
         for layer in model.layers:
             if isinstance(layer, _QUANT_LAYERS):
@@ -148,10 +147,6 @@ class _ModelGraph:
         if not kernel_layers:
             raise ValueError(f"model {model.name!r} has no Conv2D, DepthwiseConv2D or Dense layer")
         self.first, self.last = kernel_layers[0], kernel_layers[-1]
-
-    def feeds_only_relu(self, layer) -> bool:
-        consumers = self.consumers.get(id(layer), [])
-        return len(consumers) == 1 and _activation_name(consumers[0]) == "relu"
 
 
 def _activation_name(layer) -> str | None:
@@ -287,12 +282,13 @@ class _Builder:
         if isinstance(layer, _L.Add):
             inputs = [t if id(t) in self.on_grid else self._requantize(t) for t in args[0]]
             out = layer(inputs, **kwargs)
-            # An Add feeding only a ReLU is quantized by that ReLU's quantizer,
-            # unless the quantizer subtracts an offset first: an Add has no
-            # bias to absorb it, so the sum gets its own 8-bit grid.
-            activation = quantizers.get(self.scheme.activations, signed=False)
-            if not self.graph.feeds_only_relu(old) or activation.may_have_offset:
-                out = self._requantize(out)
+            # The sum always gets its own 8-bit grid, also before a ReLU's
+            # quantizer: an integer ADD rescales its inputs with fixed-point
+            # multipliers and rounds inexactly, which would move codes of a
+            # coarse k-bit grid; on a fine 8-bit grid the rare one-step
+            # error seldom changes the k-bit code after it. It also gives
+            # an offset (QIL's c - d) somewhere to go: an Add has no bias.
+            out = self._requantize(out)
             return out
         out = layer(*args, **kwargs)
         if isinstance(layer, _GRID_PRESERVING) and args and id(args[0]) in self.on_grid:
