@@ -142,31 +142,13 @@ def quantize_for_qat(tfmot, model, weight_bits: int = 8, activation_bits: int = 
 def run_int8_tflite(content: bytes, x: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, Any]:
     """Runs a TFLite model on float inputs; returns its raw outputs and output detail.
 
-    Integer inputs are quantized as `tfquant.lite.verify.run_tflite` does
-    (round half up, clipped), so both exports see the same codes.
+    The same runner as tfquant's exports (`tfquant.lite.verify.run_tflite`:
+    int8 inputs quantized round half up, clipped), so both see the same codes.
+    Importing tfquant loads Keras 3 beside tf_keras; neither touches the other.
     """
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:  # the converter's package ships an interpreter as well
-        import tensorflow as tf
+    from tfquant.lite import verify
 
-        Interpreter = tf.lite.Interpreter  # noqa: N806
-    interpreter = Interpreter(model_content=content, num_threads=2)
-    input_index = interpreter.get_input_details()[0]["index"]
-    outputs = []
-    for start in range(0, len(x), batch_size):
-        batch = np.asarray(x[start : start + batch_size], np.float32)
-        interpreter.resize_tensor_input(input_index, batch.shape)
-        interpreter.allocate_tensors()
-        detail = interpreter.get_input_details()[0]
-        if detail["dtype"] == np.int8:
-            scale, zero_point = detail["quantization"]
-            batch = np.clip(np.floor(batch / scale + 0.5) + zero_point, -128, 127).astype(np.int8)
-        interpreter.set_tensor(detail["index"], batch)
-        interpreter.invoke()
-        output = interpreter.get_output_details()[0]
-        outputs.append(interpreter.get_tensor(output["index"]).copy())
-    return np.concatenate(outputs), interpreter.get_output_details()[0]
+    return verify.run_tflite(content, x, batch_size=batch_size)
 
 
 def compare_outputs(reference: np.ndarray, raw: np.ndarray, detail: dict, y: np.ndarray) -> dict:

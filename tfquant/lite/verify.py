@@ -24,6 +24,20 @@ class Agreement:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
+def feed_input(interp, batch: np.ndarray) -> None:
+    """Resizes the interpreter's input to `batch` and sets it, as int8 codes
+    (round half up, TFLite's QUANTIZE) when the model takes int8."""
+    batch = np.asarray(batch, np.float32)
+    index = interp.get_input_details()[0]["index"]
+    interp.resize_tensor_input(index, batch.shape)
+    interp.allocate_tensors()
+    detail = interp.get_input_details()[0]
+    if detail["dtype"] == np.int8:
+        scale, zero_point = detail["quantization"]
+        batch = np.clip(np.floor(batch / scale + 0.5) + zero_point, -128, 127).astype(np.int8)
+    interp.set_tensor(detail["index"], batch)
+
+
 def run_tflite(
     content: bytes, x: np.ndarray, batch_size: int = 256, num_threads: int = 2
 ) -> tuple[np.ndarray, dict]:
@@ -32,17 +46,9 @@ def run_tflite(
     Returns the raw outputs (int8 codes or floats) and the output details.
     """
     interp = lite_inspect.interpreter(content, num_threads=num_threads)
-    input_detail = interp.get_input_details()[0]
     outputs = []
     for start in range(0, len(x), batch_size):
-        batch = np.asarray(x[start : start + batch_size], np.float32)
-        interp.resize_tensor_input(input_detail["index"], batch.shape)
-        interp.allocate_tensors()
-        detail = interp.get_input_details()[0]
-        if detail["dtype"] == np.int8:
-            scale, zero_point = detail["quantization"]
-            batch = np.clip(np.floor(batch / scale + 0.5) + zero_point, -128, 127).astype(np.int8)
-        interp.set_tensor(detail["index"], batch)
+        feed_input(interp, x[start : start + batch_size])
         interp.invoke()
         output_detail = interp.get_output_details()[0]
         outputs.append(interp.get_tensor(output_detail["index"]).copy())
@@ -112,15 +118,7 @@ def compare_layers(keras_model, content: bytes, x: np.ndarray) -> list[dict]:
     outputs = probe.predict(np.asarray(x, np.float32), verbose=0)
     outputs = outputs if isinstance(outputs, list) else [outputs]
     interp = Interpreter(model_content=content, experimental_preserve_all_tensors=True)
-    detail = interp.get_input_details()[0]
-    batch = np.asarray(x, np.float32)
-    interp.resize_tensor_input(detail["index"], batch.shape)
-    interp.allocate_tensors()
-    detail = interp.get_input_details()[0]
-    if detail["dtype"] == np.int8:
-        scale, zero_point = detail["quantization"]
-        batch = np.clip(np.floor(batch / scale + 0.5) + zero_point, -128, 127).astype(np.int8)
-    interp.set_tensor(detail["index"], batch)
+    feed_input(interp, x)
     interp.invoke()
     tensors = [t for t in interp.get_tensor_details() if t["dtype"] == np.int8]
     rows = []
