@@ -225,7 +225,7 @@ def test_format_table_rows_errors_and_skips():
     assert "skipped: tf_keras not installed" in lines[8]
 
 
-def test_format_markdown_has_table_command_plots_and_placeholder(tmp_path):
+def test_format_markdown_has_table_command_plots_and_paper_figures(tmp_path):
     result = _result()
     markdown_path = str(tmp_path / "docs" / "RESULTS.md")
     images = {"Accuracy vs bits": str(tmp_path / "docs" / "img" / "a.png")}
@@ -239,7 +239,13 @@ def test_format_markdown_has_table_command_plots_and_placeholder(tmp_path):
     assert "![Accuracy vs bits](img/a.png)" in page
     assert "- qil_w2a2: error: ExportError in export: bad" in page
     assert "## Paper figures we scale down from" in page
-    assert "See the per-method pages in docs/ for the published figures." in page
+    # The paper table: published figures beside ours, "-" where we have no row.
+    qil = next(line for line in page.splitlines() if line.startswith("| qil | Jung"))
+    cells = [cell.strip() for cell in qil.strip("|").split("|")]
+    assert cells[3:7] == ["70.2", "70.1", "69.2", "65.7"]
+    assert cells[7:11] == ["98.00", "97.00", "-", "-"]
+    assert "qil_resnet18_imagenet_w4a4.cfg" in cells[11]
+    assert "What differs:" in page
 
 
 # ---------------------------------------------------------------------------
@@ -323,3 +329,29 @@ def test_run_benchmark_tiny_end_to_end(tmp_path):
     assert len(images) == 3
     for path in images:
         _assert_png(path)
+
+
+# ---------------------------------------------------------------------------
+# Row schemes
+
+
+def test_qn_rows_use_the_paper_level_sets_and_skip_8_bits():
+    scheme, note = bench.bench_scheme("qn", 3)
+    assert scheme.weights == {"class_name": "qn", "config": {"levels": "3(+-4)"}}
+    assert (scheme.weight_bits, scheme.activation_bits, scheme.activations) == (3, 3, "qn")
+    assert note == "weights 3(+-4)"
+    assert bench.bench_scheme("qn", 2)[1] == "weights ternary"
+    assert bench.bench_scheme("qn", 4) == ("qn_w4a4", "")
+    assert bench.bench_scheme("lsq", 3) == ("lsq_w3a3", "")
+    # The skipped combination returns before touching data or models.
+    row, history = bench._quantized_row("qn", 8, None, None, None, "/unused", 1, 64, 1)
+    assert (row["status"], history) == ("skipped", None)
+    assert "255 sigmoid thresholds" in row["error"]
+
+
+def test_qn_temperature_climbs_over_the_whole_budget():
+    scheduler = bench.qn_temperature(rows=8000, batch_size=64, epochs=2)
+    assert scheduler.per == "step"
+    assert scheduler.temperature_at(0) == 1.0
+    assert scheduler.temperature_at(249) == pytest.approx(bench.QN_FINAL_TEMPERATURE)
+    assert scheduler.temperature_at(10_000) == bench.QN_FINAL_TEMPERATURE
