@@ -2,6 +2,7 @@
 # make test   lint + the whole test suite;  make test-quick skips slow tests
 # make bench  every method at 8/4/3/2 bits vs float and tfmot -> docs/RESULTS.md (about an
 #             hour on 2 cores);  make bench-quick is a few-minute smoke run of it
+# make recipes  every small training recipe on MNIST-10k, in its own process -> docs/RECIPES.md
 # Both create .venv and install what they need on first use.
 
 PYTHON ?= python3
@@ -9,7 +10,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-quick lint format overhead bench bench-quick clean
+.PHONY: install demo test test-quick lint format overhead bench bench-quick recipes clean
 
 install: $(STAMP)
 
@@ -47,5 +48,8 @@ bench: install
 bench-quick: install
 	$(PY) -m train.benchmark_results --quick
 
+recipes: install
+	$(PY) -m train.run_recipes --output_dir=recipes_output --results_md=docs/RECIPES.md
+
 clean:
-	rm -rf $(VENV) demo_output
+	rm -rf $(VENV) demo_output recipes_output
