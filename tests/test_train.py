@@ -292,6 +292,29 @@ def test_each_method_trains(tmp_path, method):
     assert [row["epoch"] for row in metrics] == [0]
 
 
+def test_mixed_precision_trains_and_saves_a_float32_model(tmp_path):
+    from tfquant import lite, precision
+    from tfquant.datasets import load_arrays
+
+    config = _quick_config(method="qil", mixed_precision=True)
+    result = trainer.train(config, str(tmp_path), verbose=0)
+    assert np.isfinite(result["loss"])
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored
+    model = keras.models.load_model(result["final_model"])
+    assert precision.reduced_precision_layers(model) == []
+    data = load_arrays("digits")
+    exported = lite.export_model(model, data.x_test[:100], data.y_test[:100], allow_mismatch=True)
+    assert exported.report["verification"]["top1_agreement"] >= 0.95
+    # A model still computing in bfloat16 is refused with the layer named.
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        low = models.small_cnn((8, 8, 1), 10)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    with pytest.raises(lite.ExportError, match="reduced precision.*bfloat16.*float32_copy"):
+        lite.export_model(low, data.x_test[:10])
+
+
 @pytest.mark.slow
 def test_distillation_without_labels(tmp_path):
     teacher = models.small_cnn((8, 8, 1), 10)

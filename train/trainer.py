@@ -63,7 +63,7 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
 import tfquant
-from tfquant import fileio, quantizers
+from tfquant import fileio, precision, quantizers
 from tfquant.quantizers import cpq
 from tfquant.quantizers.base import Quantizer, check_bits, registered_names
 from train import input_pipeline, models
@@ -773,8 +773,16 @@ def train(config: TrainConfig, model_dir: str, strategy=None, verbose: int = 1) 
     if strategy is None:
         strategy = strategy_lib.make_strategy(config.strategy, config.tpu)
     check_replicas(config, strategy)
+    previous_policy = keras.mixed_precision.global_policy()
     if config.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        return _train(config, model_dir, strategy, verbose)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+
+def _train(config: TrainConfig, model_dir: str, strategy, verbose: int) -> dict:
     keras.utils.set_random_seed(config.seed)
     pipeline = input_pipeline.make_pipeline(
         config.dataset, config.batch_size, config.data_dir, config.seed, config.steps_per_epoch
@@ -820,8 +828,11 @@ def train(config: TrainConfig, model_dir: str, strategy=None, verbose: int = 1) 
     else:
         history = _train_with_loop(config, model, strategy, pipeline, recorder, hooks, output_dir)
     final_path = os.path.join(output_dir, "final.keras")
-    network.save(final_path)
-    network.export(os.path.join(output_dir, "saved_model"), verbose=False)
+    # Mixed precision is a training detail: the saved model computes in float32,
+    # as the integer file's verification expects.
+    final = precision.float32_copy(network)
+    final.save(final_path)
+    final.export(os.path.join(output_dir, "saved_model"), verbose=False)
     print("\n" + format_table(history), flush=True)
     result = dict(history[-1]) if history else {}
     result.update(final_model=final_path, history=history)

@@ -47,10 +47,15 @@ class _QuantizedKernelMixin:
             return self.kernel
         return self.kernel_quantizer(self.kernel, training=training)
 
+    def _compute_kernel(self, training):
+        """The quantized kernel in the layer's compute dtype (bfloat16 or
+        float16 under a mixed-precision policy; the quantizer runs in float32)."""
+        return ops.cast(self.quantized_kernel(training), self.compute_dtype)
+
     def _quantize_input(self, inputs, training):
         if self.input_quantizer is None:
             return inputs
-        return self.input_quantizer(inputs, training=training)
+        return ops.cast(self.input_quantizer(inputs, training=training), self.compute_dtype)
 
     def _add_bias_and_activation(self, outputs, bias_shape):
         if self.use_bias:
@@ -123,7 +128,7 @@ class QuantConv2D(_QuantizedKernelMixin, keras.layers.Conv2D):
 
     def call(self, inputs, training=None):
         inputs = self._quantize_input(inputs, training)
-        outputs = self.convolution_op(inputs, self.quantized_kernel(training))
+        outputs = self.convolution_op(inputs, self._compute_kernel(training))
         if self.data_format == "channels_last":
             bias_shape = (1,) * (self.rank + 1) + (self.filters,)
         else:
@@ -188,7 +193,7 @@ class QuantDepthwiseConv2D(_QuantizedKernelMixin, keras.layers.DepthwiseConv2D):
         channels = self._get_input_channel(inputs.shape) * self.depth_multiplier
         outputs = ops.depthwise_conv(
             inputs,
-            self.quantized_kernel(training),
+            self._compute_kernel(training),
             strides=self.strides,
             padding=self.padding,
             dilation_rate=self.dilation_rate,
@@ -253,7 +258,7 @@ class QuantDense(_QuantizedKernelMixin, keras.layers.Dense):
 
     def call(self, inputs, training=None):
         inputs = self._quantize_input(inputs, training)
-        outputs = ops.matmul(inputs, self.quantized_kernel(training))
+        outputs = ops.matmul(inputs, self._compute_kernel(training))
         return self._add_bias_and_activation(outputs, (self.units,))
 
     def get_config(self):

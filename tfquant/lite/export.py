@@ -9,7 +9,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from tfquant import fileio
+from tfquant import fileio, precision
 from tfquant.lite import inspect as lite_inspect
 from tfquant.lite import verify
 from tfquant.lite.lower import ExportError, align_biases, lower_model, match_integer_kernels
@@ -95,6 +95,13 @@ def export_model(
     """
     if output_type not in ("int8", "float32"):
         raise ExportError(f"output_type must be 'int8' or 'float32', got {output_type!r}")
+    low = precision.reduced_precision_layers(model)
+    if low:
+        raise ExportError(
+            f"model {model.name!r} computes in reduced precision (layer {low[0]!r}: "
+            f"{model.get_layer(low[0]).compute_dtype}); the verification needs float32: export "
+            "tfquant.precision.float32_copy(model)"
+        )
     quantized = _has_quantizers(model)
     if post_training:
         if quantized:
