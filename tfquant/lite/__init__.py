@@ -12,11 +12,18 @@ from tfquant.lite.export import (
     save_export,
     write_atomically,
 )
-from tfquant.lite.lower import ExportError, align_biases, lower_model, match_integer_kernels
+from tfquant.lite.lower import (
+    ExportError,
+    align_biases,
+    align_levels,
+    lower_model,
+    match_integer_kernels,
+)
 
 __all__ = [
     "ExportError",
     "align_biases",
+    "align_levels",
     "ExportResult",
     "export_model",
     "format_report",

@@ -12,7 +12,13 @@ import tensorflow as tf
 from tfquant import fileio, precision
 from tfquant.lite import inspect as lite_inspect
 from tfquant.lite import verify
-from tfquant.lite.lower import ExportError, align_biases, lower_model, match_integer_kernels
+from tfquant.lite.lower import (
+    ExportError,
+    align_biases,
+    align_levels,
+    lower_model,
+    match_integer_kernels,
+)
 
 
 @dataclasses.dataclass
@@ -84,7 +90,9 @@ def export_model(
         channel), and make its inference round like the file's integer
         kernels (`tfquant.lite.match_integer_kernels`), so the Keras model
         computes what the file computes; each layer's largest bias shift is in
-        the report as `bias_shift_max`.
+        the report as `bias_shift_max`. Learned non-uniform weight levels (DQ)
+        are first rounded onto their int8 codes (`tfquant.lite.align_levels`,
+        at most half an int8 step, reported as `level_shift_max` in int8 steps).
 
     Returns:
       The flatbuffer and a report dict (per layer, size, verification).
@@ -116,6 +124,7 @@ def export_model(
                 "post-training integer quantization (post_training=True / --post_training "
                 "with --data)"
             )
+        level_shifts = align_levels(model) if align else {}
         shifts = align_biases(model) if align else {}
         if align:
             match_integer_kernels(model, int4_weights)
@@ -124,6 +133,8 @@ def export_model(
         for layer in lowered.layers:
             if layer.name in shifts:
                 layer.bias_shift_max = shifts[layer.name]
+            if layer.name in level_shifts:
+                layer.level_shift_max = level_shifts[layer.name]
         layers = [layer.to_dict() for layer in lowered.layers]
     problems = lite_inspect.non_integer_ops(content)
     if problems:

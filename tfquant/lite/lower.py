@@ -66,6 +66,7 @@ class LayerReport:
     # distance between a weight's level and its code, in units of the code's scale.
     level_mapping_max_error: float | None = None
     level_mapping_rms_error: float | None = None
+    level_shift_max: float | None = None
     codes: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
     def to_dict(self) -> dict:
@@ -209,6 +210,36 @@ def align_biases(model: keras.Model) -> dict[str, float]:
         value = np.asarray(variable.numpy(), np.float64) + delta
         variable.assign(value.astype(variable.dtype))
         shifts[layer.name] = float(np.abs(shift).max())
+    return shifts
+
+
+def align_levels(model: keras.Model) -> dict[str, float]:
+    """Moves learned (non-uniform) weight levels onto the int8 grid TFLite stores them on.
+
+    The exporter stores such weights as the nearest int8 code of each level at
+    the scale max|L| / 127 (`level_scales`); this rounds the Keras levels
+    themselves to those codes, so both models use the same weights. A level
+    moves by at most half an int8 step (1/254 of the largest level); the
+    largest level and so the scale stay put. Idempotent; uniform levels and
+    other quantizers are left alone.
+
+    Returns:
+      Per aligned layer, the largest shift of a level in int8 steps.
+    """
+    _, order, _ = _prepare(model)
+    shifts = {}
+    for operation, _ in order:
+        quantizer = getattr(operation, "kernel_quantizer", None)
+        variable = getattr(quantizer, "levels", None)
+        if not isinstance(variable, keras.Variable) or quantizer.inference_form().levels is None:
+            continue
+        levels = np.asarray(variable.numpy(), np.float64)
+        scale = level_scales(levels, operation)[:, None]
+        snapped = np.clip(np.round(levels / scale), -127, 127) * scale
+        variable.assign(snapped.astype(np.float32))
+        shifts[operation.name] = float((np.abs(snapped - levels) / scale).max())
+    if shifts and getattr(model, "predict_function", None) is not None:
+        model.predict_function = None
     return shifts
 
 
@@ -582,6 +613,16 @@ def _plan_kernel(plan: _Plan, layer, node, consumers):
     plan.reports.append(report)
 
 
+def level_scales(levels: np.ndarray, layer) -> np.ndarray:
+    """The int8 scale of each level vector (G, K): max|L| / 127, or the largest
+    of them for one vector or a Dense kernel (FULLY_CONNECTED weights cannot
+    keep a per-channel axis)."""
+    group_scale = np.maximum(np.abs(levels).max(axis=1), 1e-12) / 127.0
+    if levels.shape[0] == 1 or isinstance(layer, QuantDense):
+        group_scale = np.full(levels.shape[0], group_scale.max())
+    return group_scale
+
+
 def _nearest_int8_codes(form: InferenceForm, quantized, layer, channels: int, where: str):
     """Maps non-uniform weight levels to their nearest int8 codes.
 
@@ -618,9 +659,7 @@ def _nearest_int8_codes(form: InferenceForm, quantized, layer, channels: int, wh
         )
         if nearest.max() > 1e-5 * max(float(np.abs(row).max()), 1e-12):
             raise ExportError(f"{where}: the quantized kernel takes values that are not its levels")
-    group_scale = np.maximum(np.abs(levels).max(axis=1), 1e-12) / 127.0
-    if groups == 1 or isinstance(layer, QuantDense):
-        group_scale = np.full(groups, group_scale.max())
+    group_scale = level_scales(levels, layer)
     codes = np.clip(np.round(by_group / group_scale), -127, 127)
     relative = np.abs(by_group - codes * group_scale) / group_scale
     errors = (float(relative.max()), float(np.sqrt(np.mean(relative**2))))
