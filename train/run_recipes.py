@@ -77,7 +77,7 @@ def recipe_command(
         sys.executable,
         "-m",
         "train.train",
-        f"--flagfile={recipe_path(name)}",
+        f"--flagfile={_shown(recipe_path(name))}",
         f"--dataset={data}",
         f"--steps_per_epoch={steps_per_epoch}",
         f"--model_dir={model_dir}",
@@ -86,6 +86,12 @@ def recipe_command(
     if init_from is not None:
         command.append(f"--init_from={init_from}")
     return command
+
+
+def _shown(path: str) -> str:
+    """`path` relative to the working directory when it lies below it."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
 
 
 def recipe_flags(name: str) -> dict[str, str]:
@@ -193,12 +199,15 @@ def format_row(row: dict[str, Any]) -> str:
     return text
 
 
-def format_markdown(rows: Sequence[dict[str, Any]], data: str, steps_per_epoch: int) -> str:
+def format_markdown(
+    rows: Sequence[dict[str, Any]], data: str, steps_per_epoch: int, load: str | None = None
+) -> str:
     steps = "whole epochs" if steps_per_epoch == 0 else f"at most {steps_per_epoch} steps per epoch"
     lines = [
         f"Recipes on `{data}`, {steps}, written by `python -m train.run_recipes`. Accuracy: the "
         "last epoch's validation accuracy on the held-out rows; time: the whole process "
-        "(start-up, training, evaluation, saving).",
+        "(start-up, training, evaluation, saving)"
+        + (f"; load average {load} on this shared host." if load else "."),
         "",
         "| recipe | method | bits | val accuracy | epochs | time s | notes |",
         "|---|---|---|---|---|---|---|",
@@ -228,6 +237,13 @@ def format_markdown(rows: Sequence[dict[str, Any]], data: str, steps_per_epoch: 
     return "\n".join(lines) + "\n"
 
 
+def _load_average() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "unknown"
+
+
 def _define_flags():
     flags.DEFINE_string("data", DEFAULT_DATA, "Dataset spec passed to every recipe as --dataset.")
     flags.DEFINE_list("recipes", list(DEFAULT_RECIPES), "Quantized recipes (train/recipes/*.cfg).")
@@ -245,11 +261,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     values = flags.FLAGS
+    start_load = _load_average()
     try:
         rows = run_all(values.recipes, values.data, values.steps_per_epoch, values.output_dir)
     except ValueError as error:
         raise app.UsageError(str(error)) from None
-    markdown = format_markdown(rows, values.data, values.steps_per_epoch)
+    load = f"{start_load} at the start, {_load_average()} at the end"
+    markdown = format_markdown(rows, values.data, values.steps_per_epoch, load)
     log("\n" + markdown)
     path = os.path.join(values.output_dir, "recipes.json")
     write_atomically(path, json.dumps(rows, indent=1) + "\n")
