@@ -335,7 +335,7 @@ def test_run_benchmark_tiny_end_to_end(tmp_path):
 # Row schemes
 
 
-def test_qn_rows_use_the_paper_level_sets_and_skip_8_bits():
+def test_qn_rows_use_the_paper_level_sets():
     scheme, note = bench.bench_scheme("qn", 4)
     assert scheme.weights == {"class_name": "qn", "config": {"levels": "3(+-4)"}}
     assert (scheme.weight_bits, scheme.activation_bits, scheme.activations) == (4, 4, "qn")
@@ -343,10 +343,7 @@ def test_qn_rows_use_the_paper_level_sets_and_skip_8_bits():
     assert bench.bench_scheme("qn", 3)[1] == "weights 3(+-2)"
     assert bench.bench_scheme("qn", 2)[1] == "weights ternary"
     assert bench.bench_scheme("lsq", 3) == ("lsq_w3a3", "")
-    # The skipped combination returns before touching data or models.
-    row, history = bench._quantized_row("qn", 8, None, None, None, "/unused", 1, 64, 1)
-    assert (row["status"], history) == ("skipped", None)
-    assert "255 sigmoid thresholds" in row["error"]
+    assert bench.bench_scheme("qn", 8) == ("qn_w8a8", "")
 
 
 def test_qn_temperature_climbs_over_the_whole_budget():

@@ -18,9 +18,8 @@
    model and of a float copy, interleaved, after the export). A combination
    that raises is kept as a row with `status: "error"` and the message, and
    the run goes on. QN rows use the paper's weight level sets (ternary at 2
-   bits, 3(+-2) at 3 bits, 3(+-4) at 4 bits) and a temperature that
-   climbs per step from 1 to 41 over the fine-tuning budget; QN at 8 bits
-   (255 thresholds, about 50x the float step) is listed as not trained.
+   bits, 3(+-2) at 3 bits, 3(+-4) at 4 bits, uniform at 8 bits) and a
+   temperature that climbs per step from 1 to 41 over the fine-tuning budget.
    During fine-tuning the scalar parameters of every
    quantizer (QIL center and distance, LSQ/PACT steps and clips, QN
    temperature, CPQ learned bits ...) are recorded a few times per epoch.
@@ -297,14 +296,6 @@ def scheme_name(method: str, bits: int) -> str:
 # INT4); the activations use the uniform set of the width.
 QN_WEIGHT_PRESETS = {2: "ternary", 3: "3(+-2)", 4: "3(+-4)"}
 
-# Combinations the benchmark does not train, with the reason shown in the table.
-SKIPPED_ROWS = {
-    ("qn", 8): (
-        "not trained: 255 sigmoid thresholds per element cost about 50x the float step "
-        "(measured 49x), a fifth of the whole budget; the QN paper stops at 3 bits"
-    ),
-}
-
 
 def bench_scheme(method: str, bits: int):
     """The scheme of one row (a `tfquant.Scheme` or its preset name) and the
@@ -575,9 +566,6 @@ def _quantized_row(
         "status": "ok",
         "note": note,
     }
-    if (method, bits) in SKIPPED_ROWS:
-        row.update(status="skipped", error=SKIPPED_ROWS[method, bits])
-        return row, None
     stage = "quantize_model"
     recorder = None
     try:
