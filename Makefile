@@ -1,7 +1,7 @@
 # make demo   train a small model with learned quantizers, export, print a table
 # make test   lint + the whole test suite;  make test-quick skips slow tests
-# make bench  every method at 8/4/3/2 bits vs float and tfmot -> docs/RESULTS.md (about an
-#             hour on 2 cores);  make bench-quick is a few-minute smoke run of it
+# make bench  every method at 8/4/3/2 bits vs float and tfmot -> docs/RESULTS.md (about 25
+#             minutes on a quiet 2-core host);  make bench-quick is a few-minute smoke run of it
 # make recipes  every small training recipe on MNIST-10k, in its own process -> docs/RECIPES.md
 # Both create .venv and install what they need on first use.
 

@@ -45,19 +45,15 @@ this 2-core host (load average about 3).
 
 Budget. Float training uses Adam(3e-3) and BatchNormalization momentum 0.9
 (Keras' 0.99 averages over about as many steps as the whole budget, and its
-moving statistics then lag far behind the weights). Measured on this 2-core
-host under a load average of 4 to 7 from other work, full data (125 steps of
-64 per epoch): a float epoch 6 to 12 s; `quantize_model` with calibration 5
-to 14 s; a fine-tuning epoch 15 to 35 s for QIL, LSQ, PACT and DQ at any
-width, but QN and CPQ cost grows with the grid: QN 0.15 / 0.67 / 4.7 s per
-step at 2 / 4 / 8 bits, CPQ 0.44 / 1.7 / 3.5 s (about 280 s and 580 s per
-epoch for CPQ W4A4 and QN W8A8); export with verification on the 2000
-held-out rows 4 to 13 s; each tfmot baseline process about 60 s. With the
-default budget (float 3 epochs, fine-tuning 1 epoch, 6 methods x 4 widths,
-both tfmot baselines, 200 timed runs) that adds up to about 35 minutes of
-fine-tuning and 20 of the rest: an estimated 50 to 55 minutes under that
-load, less on an idle machine. A second fine-tuning epoch would add about
-35 minutes.
+moving statistics then lag far behind the weights). The default budget
+(float 3 epochs, fine-tuning 1 epoch of 125 steps of 64, 6 methods x 4
+widths, both tfmot baselines, 200 timed runs) took 23.9 minutes on this
+2-core host with nothing else running (2026-11-23). Most of it is QN and CPQ,
+whose cost grows with the grid: QN W8A8 280 s of fine-tuning (255
+thresholds, 44x the float step), CPQ W8A8 152 s and W4A4 about 100 s; QIL,
+LSQ, PACT and DQ take 9 to 17 s per fine-tuning epoch. Under a load average
+of 4 to 7 from other work the same run took close to two hours; each extra
+fine-tuning epoch adds about 12 minutes on a quiet host.
 """
 
 from __future__ import annotations
