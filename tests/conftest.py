@@ -26,6 +26,17 @@ def cpu_devices():
     return devices
 
 
+@pytest.fixture
+def cpu_mirrored(cpu_devices):
+    """MirroredStrategy over two logical CPUs, reducing on one device as
+    train.strategy does without GPUs: the default collective all-reduce reuses
+    instance keys across strategies created in one process, and a test that
+    follows another one's strategy then fails with a collective shape mismatch."""
+    return tf.distribute.MirroredStrategy(
+        cpu_devices[:2], cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     keras.utils.set_random_seed(0)

@@ -166,7 +166,7 @@ def test_crossing_levels_are_sorted_after_the_step():
     np.testing.assert_allclose(q.levels.numpy(), [[-1.0, -0.099, 0.1, 1.0]], atol=1e-5)
 
 
-def test_mirrored_training_makes_the_same_moves_as_one_device(cpu_devices):
+def test_mirrored_training_makes_the_same_moves_as_one_device(cpu_mirrored):
     x, y = _regression_data(64)
     options = {"assignment_learning_rate": 0.02}
 
@@ -188,7 +188,7 @@ def test_mirrored_training_makes_the_same_moves_as_one_device(cpu_devices):
         return model
 
     single = fit()
-    with tf.distribute.MirroredStrategy(cpu_devices[:2]).scope():
+    with cpu_mirrored.scope():
         mirrored = fit()
     for one, two in zip(single.weights, mirrored.weights, strict=True):
         if one.path.endswith(("assignment", "assignment_moves")):
