@@ -130,15 +130,10 @@ class Quantizer(keras.layers.Layer):
         inputs), False for an unsigned grid (activations after ReLU).
       clips_negative: True when the quantizer maps every negative input to 0,
         so a ReLU before it is redundant and may be skipped.
-      may_have_offset: True when the quantizer subtracts a learned offset
-        before quantizing (QIL activations).
     """
 
     registered_name = "base"
     clips_negative = False
-    # True when `inference_form().offset` can be nonzero (a value subtracted
-    # before quantizing, which the exporter folds into the producer's bias).
-    may_have_offset = False
 
     def __init__(self, bits: int = 8, signed: bool = False, **kwargs):
         # Quantizer math runs in float32 even under a mixed-precision policy:

@@ -206,7 +206,6 @@ class QILQuantizer(Quantizer):
         self.initial_center = float(initial_center)
         self.initial_distance = float(initial_distance)
         self.clips_negative = not self.signed
-        self.may_have_offset = not self.signed
 
     def build(self, input_shape):
         self.interval = self._param(
