@@ -82,12 +82,13 @@ def run(
         model = keras.models.load_model(model_path)
     except Exception as error:  # corrupt zip, wrong format, unknown layers
         raise lite.ExportError(f"cannot load {model_path!r} as a Keras model: {error}") from None
-    if precision.reduced_precision_layers(model):
+    float32_model = precision.float32_copy(model)
+    if float32_model is not model:
         print(
             f"{model_path} computes in reduced precision (mixed-precision training); "
             "exporting its float32 copy"
         )
-        model = precision.float32_copy(model)
+        model = float32_model
     dataset = datasets.load_arrays(data_spec)
     x, y = dataset.x_test[:samples], dataset.y_test[:samples]
     if post_training:

@@ -139,36 +139,6 @@ def quantize_for_qat(tfmot, model, weight_bits: int = 8, activation_bits: int = 
     )
 
 
-def run_int8_tflite(content: bytes, x: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, Any]:
-    """Runs a TFLite model on float inputs; returns its raw outputs and output detail.
-
-    The same runner as tfquant's exports (`tfquant.lite.verify.run_tflite`:
-    int8 inputs quantized round half up, clipped), so both see the same codes.
-    Importing tfquant loads Keras 3 beside tf_keras; neither touches the other.
-    """
-    from tfquant.lite import verify
-
-    return verify.run_tflite(content, x, batch_size=batch_size)
-
-
-def compare_outputs(reference: np.ndarray, raw: np.ndarray, detail: dict, y: np.ndarray) -> dict:
-    """The figures of `tfquant.lite.verify.compare` for an int8-output model:
-    top-1 agreement, identical output codes, largest step difference, accuracies."""
-    reference = np.asarray(reference, np.float64)
-    scale, zero_point = detail["quantization"]
-    tflite_codes = raw.astype(np.int64)
-    dequantized = (tflite_codes - zero_point) * scale
-    keras_codes = np.clip(np.round(reference / scale) + zero_point, -128, 127).astype(np.int64)
-    return {
-        "samples": int(len(reference)),
-        "top1_agreement": float((reference.argmax(1) == dequantized.argmax(1)).mean()),
-        "identical_output_codes": float((keras_codes == tflite_codes).mean()),
-        "max_output_step_difference": int(np.abs(keras_codes - tflite_codes).max()),
-        "keras_accuracy": float((reference.argmax(1) == y).mean()),
-        "tflite_accuracy": float((dequantized.argmax(1) == y).mean()),
-    }
-
-
 def convert_int8(tf, model, x_train: np.ndarray) -> tuple[bytes, bool]:
     """Standard full-int8 conversion of a QAT model.
 
@@ -264,11 +234,16 @@ def run_baseline(
     convert_seconds = time.perf_counter() - start
     path = os.path.join(output_dir, name + ".tflite")
     write_atomically(path, content)
+    # tfquant's runner and comparison (int8 inputs quantized round half up),
+    # so both exports are measured alike; importing tfquant loads Keras 3
+    # beside tf_keras, and neither touches the other.
+    from tfquant.lite import verify
+
     reference = qat_model.predict(x_test, batch_size=256, verbose=0)
-    raw, detail = run_int8_tflite(content, x_test)
+    raw, detail = verify.run_tflite(content, x_test)
     if detail["dtype"] != np.int8:
         raise ValueError(f"the converted model's output is {detail['dtype']}, expected int8")
-    verification = compare_outputs(reference, raw, detail, y_test)
+    verification = verify.compare_outputs(reference, raw, detail, y_test).to_dict()
     log(
         f"  tfmot int8 TFLite: {len(content) / 1024:.1f} KiB, accuracy "
         f"{100 * verification['tflite_accuracy']:.2f}%, top-1 agreement with its Keras model "

@@ -58,8 +58,17 @@ def run_tflite(
 def compare(keras_model, content: bytes, x: np.ndarray, y: np.ndarray | None = None) -> Agreement:
     """Top-1 agreement, identical output codes and the largest difference in
     output quantization steps between the Keras and the TFLite model."""
-    reference = np.asarray(keras_model.predict(x, batch_size=256, verbose=0), np.float64)
+    reference = keras_model.predict(x, batch_size=256, verbose=0)
     raw, detail = run_tflite(content, x)
+    return compare_outputs(reference, raw, detail, y)
+
+
+def compare_outputs(
+    reference: np.ndarray, raw: np.ndarray, detail: dict, y: np.ndarray | None = None
+) -> Agreement:
+    """`compare` on outputs already computed: the Keras model's `reference`
+    and the interpreter's `raw` outputs with its output `detail`."""
+    reference = np.asarray(reference, np.float64)
     scale, zero_point = detail["quantization"]
     if detail["dtype"] == np.int8:
         tflite_codes = raw.astype(np.int64)
@@ -73,7 +82,7 @@ def compare(keras_model, content: bytes, x: np.ndarray, y: np.ndarray | None = N
         keras_codes = np.round(reference / scale).astype(np.int64)
     top1 = reference.argmax(axis=1) == ours.argmax(axis=1)
     agreement = Agreement(
-        samples=len(x),
+        samples=len(reference),
         top1_agreement=float(top1.mean()),
         identical_output_codes=float((keras_codes == tflite_codes).mean()),
         max_output_step_difference=int(np.abs(keras_codes - tflite_codes).max()),
