@@ -111,6 +111,27 @@ def test_gradients_follow_the_formula_where_the_clip_is_active():
     np.testing.assert_allclose(gx[0], 2 * 50 * 4.5396e-5 * 0.5, rtol=1e-3)
 
 
+@pytest.mark.parametrize(
+    "levels,signed", [(tuple(range(64)), False), (tuple(range(-127, 128)), True)]
+)
+def test_many_thresholds_match_numpy(levels, signed):
+    """Above 32 thresholds the sums run as a loop over blocks of thresholds
+    (the last block padded): still the same forward and gradients."""
+    rng = np.random.default_rng(3)
+    grid = LevelGrid(levels, signed)
+    alpha, beta, temperature = 0.3, 0.8, 1.7
+    biases = (np.asarray(grid.midpoints) + rng.uniform(-0.2, 0.2, grid.n)).astype(np.float32)
+    x = (rng.uniform(grid.outputs[0] - 3, grid.outputs[-1] + 3, 300) / beta).astype(np.float32)
+    upstream = rng.normal(size=x.shape)
+    y, grads = qn_with_tape(
+        x, alpha, beta, biases, temperature, levels, signed, upstream, learn_biases=True
+    )
+    want = np_qn(x, alpha, beta, biases, temperature, levels, signed, upstream)
+    np.testing.assert_allclose(y, want[0], rtol=1e-5, atol=1e-4)
+    for got, expected in zip(grads, want[1:], strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("levels,signed,alpha,beta,temperature,span", CASES)
 def test_gradients_match_finite_differences(levels, signed, alpha, beta, temperature, span):
     x, biases, upstream = _inputs(levels, beta, temperature, span, seed=1)

@@ -30,12 +30,14 @@ Backward (METHODS.md, section 2), with D = sum_i s_i * g_i * (1 - g_i):
 g_i is the sigmoid of the clamped argument, as in the authors' code: where
 the clamp is active the formula still passes a gradient of T * sigmoid(10) *
 (1 - sigmoid(10)) ~ 4.5e-5 * T per threshold (the exact derivative of the
-clamped forward would be 0 there). The sum over thresholds is a
-`tf.while_loop` that accumulates into one tensor, never an [n, ...] stack;
-the backward pass recomputes the sigmoids instead of saving them. Each
-threshold costs about four elementwise passes over the input in each
-direction, so a 4-bit activation quantizer (15 thresholds) is far more
-expensive to train than a fused FakeQuant. The step form is one
+clamped forward would be 0 there). The sums over thresholds run in
+XLA-compiled functions (`jit_compile=True`, also inside an uncompiled
+training step): the loop over thresholds becomes one fused pass over the
+input, each sigmoid one exp and one division kept in registers, never an
+[n, ...] stack. The backward pass recomputes the sigmoids instead of saving
+them. A QN activation quantizer still costs about one exp per threshold per
+element in each direction, far more than a FakeQuant; `python -m
+train.benchmark_overhead --methods=qn_w3a3` measures it. The step form is one
 `searchsorted` and one `gather`, whatever n.
 
 Initialization (`initialize(values)`), from the paper: beta = (5p/4) / max|x|
@@ -102,7 +104,7 @@ growth 5..10 (`TemperatureScheduler`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import keras
@@ -268,21 +270,6 @@ class LevelGrid:
 # Pure functions
 
 
-def _fold(count, body: Callable, initial: tuple) -> tuple:
-    """`state = body(i, state)` for i in 0..count-1 (count may be a tensor).
-
-    A `tf.while_loop`: the graph holds the body once whatever the number of
-    thresholds, which keeps tracing fast (graph construction, not the loop,
-    dominates the first step on CPU) and 8-bit sets (255 thresholds) small.
-    """
-
-    def loop_body(index, *state):
-        return (index + 1, *body(index, tuple(state)))
-
-    result = tf.while_loop(lambda index, *_: index < count, loop_body, (tf.constant(0), *initial))
-    return tuple(result[1:])
-
-
 def qn_step_quantize(x, alpha, beta, biases, levels: Sequence[int], signed: bool):
     """The inference form: `alpha * (sum_i s_i * [beta * x >= b_i] - o)`.
 
@@ -336,72 +323,172 @@ def qn_quantize(
       (zero to T).
     """
     grid = LevelGrid(levels, signed)
-    uniform_step = len(set(grid.steps)) == 1
-    step_values = tf.constant(grid.steps, tf.float32)
+    weights = tf.constant(grid.steps, tf.float32)
 
     @tf.custom_gradient
     def forward(x, alpha, beta, biases, temperature, enabled):
         on = enabled > 0.5
-        count = tf.where(on, grid.n, 0)  # no iteration when switched off
-
-        def accumulate(scale, bound, upstream=None):
-            """Without `upstream`: sum_i s_i * g_i, g_i = sigmoid(clip(scale *
-            (beta * x - b_i), -bound, bound)). With it: sum_i s_i * g_i * (1 - g_i)
-            and, for learned biases, the vector of sum(upstream * s_i * g_i * (1 - g_i))."""
-            scaled_input = x * (scale * beta)
-            scaled_biases = scale * biases
-
-            def body(index, state):
-                total, bias_sums = state
-                shifted = scaled_input - tf.gather(scaled_biases, index)
-                value = tf.sigmoid(tf.clip_by_value(shifted, -bound, bound))
-                if upstream is not None:
-                    value = value - value * value
-                if not uniform_step:
-                    value = tf.gather(step_values, index) * value
-                if upstream is not None and learn_biases:
-                    bias_sums = bias_sums + tf.one_hot(index, grid.n) * tf.reduce_sum(
-                        upstream * value
-                    )
-                return total + value, bias_sums
-
-            total, bias_sums = _fold(
-                count, body, (tf.zeros_like(x), tf.zeros((grid.n,), tf.float32))
-            )
-            if uniform_step:
-                total = total * grid.steps[0]
-                bias_sums = bias_sums * grid.steps[0]
-            return total, bias_sums
-
-        # At T >= step_temperature the sigmoids become exact steps: an effectively
-        # infinite scale with no clip sends every argument to 0 or 1 (one graph,
-        # no branch to trace).
         hard = temperature >= step_temperature
-        forward_scale = tf.where(hard, _STEP_SCALE, temperature)
-        bound = tf.where(hard, np.inf, _CLAMP)
-        total, _ = accumulate(forward_scale, bound)
-        y = tf.where(on, alpha * (total - grid.offset), x)
+        y = _compiled(
+            _qn_forward, x, alpha, beta, biases, weights, temperature, hard, on, grid.offset
+        )
 
         def grad(upstream):
-            derivative_sum, bias_sums = accumulate(temperature, _CLAMP, upstream)
-            weighted = upstream * derivative_sum * (temperature * alpha)
-            grad_x = tf.where(on, weighted * beta, upstream)
+            grad_x = _compiled(
+                _qn_backward,
+                x,
+                beta,
+                biases,
+                weights,
+                temperature,
+                temperature * alpha * beta,
+                on,
+                upstream,
+            )
             grad_alpha = tf.where(on, tf.reduce_sum(upstream * y) / alpha, 0.0)
-            grad_beta = tf.reduce_sum(weighted * x)
-            grad_biases = -temperature * alpha * bias_sums
+            # grad_x = upstream * T * alpha * beta * D where on: dL/dbeta = sum(grad_x * x) / beta
+            grad_beta = tf.where(on, tf.reduce_sum(grad_x * x) / beta, 0.0)
+            if learn_biases:
+                grad_biases = tf.where(
+                    on,
+                    -temperature
+                    * alpha
+                    * _compiled(_qn_bias_sums, x, beta, biases, weights, temperature, upstream),
+                    0.0,
+                )
+            else:
+                grad_biases = tf.zeros_like(biases)
             zero = tf.zeros_like(temperature)
             return grad_x, grad_alpha, grad_beta, grad_biases, zero, zero
 
         return y, grad
 
     return forward(
-        x,
+        tf.convert_to_tensor(x, tf.float32),
         tf.convert_to_tensor(alpha, tf.float32),
         tf.convert_to_tensor(beta, tf.float32),
         tf.convert_to_tensor(biases, tf.float32),
         tf.convert_to_tensor(temperature, tf.float32),
         tf.constant(1.0) if enabled is None else tf.convert_to_tensor(enabled, tf.float32),
     )
+
+
+# The sums over thresholds run in XLA-compiled functions: XLA fuses the whole
+# loop over thresholds into one pass over the input that keeps the partial
+# sums in registers. Run op by op, every threshold would cost several passes
+# through memory, and the quantizer would be memory-bound. Up to
+# `_UNROLLED_THRESHOLDS` thresholds the loop is unrolled into one fused
+# kernel; above that (6- to 8-bit uniform sets) a `tf.while_loop` runs blocks
+# of `_BLOCK` thresholds, each block fused.
+_BLOCK = 16
+_UNROLLED_THRESHOLDS = 32
+
+
+def _compiled(function, *args):
+    """Calls an XLA-compiled helper on constants of its arguments: the
+    custom gradient around it is the gradient, so no tape may record inside
+    (recording would also ask XLA for the loop's intermediate values)."""
+    return function(*(tf.stop_gradient(arg) for arg in args))
+
+
+def _sigmoid_and_slope(argument):
+    """(sigmoid(a), sigmoid(a) * (1 - sigmoid(a))) of the clamped argument
+    a = clip(argument, -10, 10), from one exp and one division."""
+    t = tf.exp(-tf.clip_by_value(argument, -_CLAMP, _CLAMP))
+    g = 1.0 / (1.0 + t)
+    return g, t * g * g
+
+
+def _threshold_blocks(biases, weights):
+    """Biases and weights as (blocks, `_BLOCK`), padded with thresholds of
+    weight 0 (which add nothing)."""
+    n = int(biases.shape[0])
+    blocks = -(-n // _BLOCK)
+    pad = blocks * _BLOCK - n
+    biases = tf.pad(biases, [[0, pad]], constant_values=0.0)
+    weights = tf.pad(weights, [[0, pad]])
+    return blocks, tf.reshape(biases, (blocks, _BLOCK)), tf.reshape(weights, (blocks, _BLOCK))
+
+
+def _threshold_sum(biases, weights, term, like):
+    """sum_i w_i * term(b_i), a tensor shaped like `like`: unrolled up to
+    `_UNROLLED_THRESHOLDS` thresholds, else a while loop over blocks."""
+    n = int(biases.shape[0])
+    total = tf.zeros_like(like)
+    if n <= _UNROLLED_THRESHOLDS:
+        for i in range(n):
+            total += weights[i] * term(biases[i])
+        return total
+    blocks, block_biases, block_weights = _threshold_blocks(biases, weights)
+
+    def loop_body(index, total):
+        for i in range(_BLOCK):
+            total += block_weights[index, i] * term(block_biases[index, i])
+        return index + 1, total
+
+    return tf.while_loop(
+        lambda index, _: index < blocks,
+        loop_body,
+        (tf.constant(0), total),
+        maximum_iterations=blocks,
+    )[1]
+
+
+# One output per compiled function: XLA:CPU computes each output of a
+# function in its own loop, so returning the sum and the slope sum together
+# would evaluate every sigmoid twice anyway.
+@tf.function(jit_compile=True)
+def _qn_forward(x, alpha, beta, biases, weights, temperature, hard, on, offset):
+    """where(on, alpha * (sum_i w_i g_i - offset), x), g_i = sigmoid(clip(T (beta x
+    - b_i), -10, 10)), or the unit step where `hard` (1/2 at an exact tie)."""
+    scaled_input = x * beta
+    argument = x * (temperature * beta)
+
+    def term(bias):
+        soft, _ = _sigmoid_and_slope(argument - temperature * bias)
+        return tf.where(hard, 0.5 * (tf.sign(scaled_input - bias) + 1.0), soft)
+
+    total = _threshold_sum(biases, weights, term, x)
+    return tf.where(on, alpha * (total - offset), x)
+
+
+@tf.function(jit_compile=True)
+def _qn_backward(x, beta, biases, weights, temperature, coefficient, on, upstream):
+    """where(on, upstream * coefficient * sum_i w_i g_i (1 - g_i), upstream)."""
+    argument = x * (temperature * beta)
+
+    def term(bias):
+        return _sigmoid_and_slope(argument - temperature * bias)[1]
+
+    total = _threshold_sum(biases, weights, term, x)
+    return tf.where(on, upstream * (coefficient * total), upstream)
+
+
+@tf.function(jit_compile=True)
+def _qn_bias_sums(x, beta, biases, weights, temperature, upstream):
+    """sum(upstream * w_i * g_i (1 - g_i)) for every threshold i, shape (n,)."""
+    argument = x * (temperature * beta)
+
+    def term(bias, weight):
+        _, slope = _sigmoid_and_slope(argument - temperature * bias)
+        return weight * tf.reduce_sum(upstream * slope)
+
+    n = int(biases.shape[0])
+    if n <= _UNROLLED_THRESHOLDS:
+        return tf.stack([term(biases[i], weights[i]) for i in range(n)])
+    blocks, block_biases, block_weights = _threshold_blocks(biases, weights)
+
+    def loop_body(index, sums):
+        values = [term(block_biases[index, i], block_weights[index, i]) for i in range(_BLOCK)]
+        return index + 1, sums.write(index, tf.stack(values))
+
+    _, sums = tf.while_loop(
+        lambda index, _: index < blocks,
+        loop_body,
+        (tf.constant(0), tf.TensorArray(tf.float32, size=blocks)),
+        maximum_iterations=blocks,
+    )
+    return tf.reshape(sums.stack(), (-1,))[:n]
 
 
 def kmeans_1d(values: np.ndarray, clusters: int, max_iterations: int = 100) -> np.ndarray | None:
