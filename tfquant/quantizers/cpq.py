@@ -225,6 +225,126 @@ def _cell_terms(x, codes, step, sigma):
     return pi, d_x, d_sigma
 
 
+def _compiled(function, *args, **static):
+    """Calls an XLA-compiled helper on constants of its tensor arguments (the
+    custom gradient around it is the gradient: no tape records inside)."""
+    return function(*(tf.stop_gradient(arg) for arg in args), **static)
+
+
+def _soft_derivative(x, code, step, sigma, kmin: int, kmax: int, neighbours, wrt: str):
+    """sum_k g'_k dpi~_k / d(wrt), per element, without DropBits weights.
+
+    Cells k = bot..top (the whole grid, or the `neighbours` cells on each
+    side of the output code c), each of width s around s k; z_e = (e - x) /
+    sigma at an edge e, F = sigmoid, G = 1 - F, f = F G. Adjacent cells share
+    their edge, so every sum over cells telescopes into a sum over the
+    interior edges plus the two outer edges:
+
+      P = sum pi_k = F(z_top) - F(z_bot)
+      W = sum g'_k pi_k / s = sum_{e > c} G(z_e) - sum_{e < c} F(z_e)
+                              - (top - c) G(z_top) + (c - bot) F(z_bot)
+      sum dpi_k/dx = -(f(z_top) - f(z_bot)) / sigma
+      sum g'_k dpi_k/dx = -(s/sigma) ((top - c) f(z_top) - (bot - c) f(z_bot) - sum_e f(z_e))
+      and the same for sigma with f(z) replaced by z f(z),
+
+    with g'_k = s (k - c). The estimator is (sum g' dpi - (s W / P) sum dpi) / P:
+    a part from the outer edges plus, for every interior edge, one term
+    a f(z_e) + b (+-tail_e) with coefficients a, b fixed per element. So the
+    loop over edges feeds a single sum, one exp and one division per edge,
+    which XLA keeps in one fused loop. Every tail is taken on the side
+    where it is small, so far cells do not cancel to noise. (Interior edges
+    above the output code lie above x and those below it below x: the code is
+    the nearest grid point; only the outer edges can lie on either side.)
+    """
+    inverse_sigma = 1.0 / sigma
+    ratio = step * inverse_sigma
+    base = (step * code - x) * inverse_sigma  # z at the output point
+    if neighbours is None:
+        top, bottom = float(kmax), float(kmin)
+    else:
+        top = tf.minimum(code + neighbours, float(kmax))
+        bottom = tf.maximum(code - neighbours, float(kmin))
+    z_top = base + (top - code + 0.5) * ratio
+    z_bottom = base + (bottom - code - 0.5) * ratio
+
+    def small_tail(z):  # sigmoid(-|z|)
+        e = tf.exp(-tf.abs(z))
+        return e / (1.0 + e)
+
+    def lower(z):  # F(z)
+        small = small_tail(z)
+        return tf.where(z <= 0.0, small, 1.0 - small)
+
+    def upper(z):  # G(z)
+        small = small_tail(z)
+        return tf.where(z >= 0.0, small, 1.0 - small)
+
+    def density(z):
+        small = small_tail(z)
+        return small * (1.0 - small)
+
+    total = tf.maximum(
+        tf.where(
+            z_top + z_bottom > 0.0,
+            upper(z_bottom) - upper(z_top),
+            lower(z_top) - lower(z_bottom),
+        ),
+        _TINY,
+    )
+    outer_w = -(top - code) * upper(z_top) + (code - bottom) * lower(z_bottom)
+    f_top, f_bottom = density(z_top), density(z_bottom)
+    if wrt == "x":
+        h_top, h_bottom = f_top, f_bottom
+    else:
+        h_top, h_bottom = z_top * f_top, z_bottom * f_bottom
+    d_sum = -(h_top - h_bottom) * inverse_sigma
+    outer_g = -ratio * ((top - code) * h_top - (bottom - code) * h_bottom)
+    # soft = (outer_g + ratio * sum_e h_e - step * (outer_w + sum_e +-tail_e) * d_sum / P) / P
+    density_coefficient = ratio / total
+    tail_coefficient = -step * d_sum / (total * total)
+    soft = (outer_g - step * outer_w * d_sum / total) / total
+
+    def edge_term(z, above, inner=None):
+        # With e = exp(-|z|): f = e / (1 + e)^2 and the tail beyond the edge
+        # away from the output point is the small one, e / (1 + e) (the output
+        # is the nearest point, so the edges above it lie above x). One
+        # division per edge, used once: XLA:CPU does not fuse a division with
+        # several users but writes it to memory.
+        e = tf.exp(-tf.abs(z))
+        one_plus = 1.0 + e
+        h = e if wrt == "x" else z * e
+        signed_tail = tf.where(above, e, -e) * one_plus
+        term = (density_coefficient * h + tail_coefficient * signed_tail) / (one_plus * one_plus)
+        return term if inner is None else tf.where(inner, term, 0.0)
+
+    if neighbours is None:
+        for k in range(kmin, kmax):  # the edge between codes k and k + 1
+            z = (step * (k + 0.5) - x) * inverse_sigma
+            soft += edge_term(z, code <= k)
+    else:
+        for offset in range(-neighbours, neighbours):  # between c + o and c + o + 1
+            z = base + (offset + 0.5) * ratio
+            inner = tf.logical_and(code + offset >= bottom, code + offset + 1.0 <= top)
+            soft += edge_term(z, tf.constant(offset >= 0), inner)
+    return soft
+
+
+# The loop over edges runs in XLA-compiled functions: XLA fuses it into one
+# pass over the input that keeps the sum in registers; op by op every edge
+# would cost several passes through memory.
+@tf.function(jit_compile=True)
+def _cpq_upstream_x(x, code, step, sigma, upstream, kmin, kmax, neighbours):
+    """upstream * sum_k g'_k dpi~_k/dx, elementwise."""
+    return upstream * _soft_derivative(x, code, step, sigma, kmin, kmax, neighbours, "x")
+
+
+@tf.function(jit_compile=True)
+def _cpq_upstream_sigma(x, code, step, sigma, upstream, kmin, kmax, neighbours):
+    """sum(upstream * sum_k g'_k dpi~_k/dsigma), a scalar."""
+    soft = _soft_derivative(x, code, step, sigma, kmin, kmax, neighbours, "sigma")
+    return tf.reduce_sum(upstream * soft)
+
+
 def cpq_quantize(
     x,
     step,
@@ -291,6 +411,22 @@ def cpq_quantize(
             high = step * (top + 0.5) + _CLAMP_SIGMAS * sigma
             x_eval = tf.clip_by_value(x, low, high)
             inside = tf.cast(tf.logical_and(x >= low, x <= high), x.dtype)
+            if not levels:
+                # Every point weighs 1: the sums telescope over shared cell edges
+                # (`_edge_moments`), computed in fused XLA kernels.
+                static = dict(kmin=kmin, kmax=kmax, neighbours=neighbours if window else None)
+                upstream_x = _compiled(
+                    _cpq_upstream_x, x_eval, code, step, sigma, upstream, **static
+                )
+                grad_sigma = _compiled(
+                    _cpq_upstream_sigma, x_eval, code, step, sigma, upstream, **static
+                )
+                # s dpi/ds = -x dpi/dx - sigma dpi/dsigma (see below)
+                grad_step = (
+                    tf.reduce_sum(upstream * code)
+                    - (tf.reduce_sum(x_eval * upstream_x) + sigma * grad_sigma) / step
+                )
+                return upstream_x * inside, grad_step, grad_sigma, tf.zeros_like(level_weights)
             xe = x_eval[..., None]
             # Grid values relative to the output, g'_k = s (k - code): sum_k dpi~_k = 0,
             # so the sums are unchanged and no large |g| cancels in float32.

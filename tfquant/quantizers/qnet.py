@@ -391,12 +391,17 @@ def _compiled(function, *args):
     return function(*(tf.stop_gradient(arg) for arg in args))
 
 
-def _sigmoid_and_slope(argument):
-    """(sigmoid(a), sigmoid(a) * (1 - sigmoid(a))) of the clamped argument
-    a = clip(argument, -10, 10), from one exp and one division."""
+def _sigmoid(argument):
+    """sigmoid(clip(argument, -10, 10)) from one exp and one division."""
+    return 1.0 / (1.0 + tf.exp(-tf.clip_by_value(argument, -_CLAMP, _CLAMP)))
+
+
+def _slope(argument):
+    """g (1 - g) = t / (1 + t)^2 with g = sigmoid(a), t = exp(-a), a the clamped
+    argument: one division, used once (XLA:CPU writes a division with several
+    users to memory instead of fusing it)."""
     t = tf.exp(-tf.clip_by_value(argument, -_CLAMP, _CLAMP))
-    g = 1.0 / (1.0 + t)
-    return g, t * g * g
+    return t / ((1.0 + t) * (1.0 + t))
 
 
 def _threshold_blocks(biases, weights):
@@ -445,7 +450,7 @@ def _qn_forward(x, alpha, beta, biases, weights, temperature, hard, on, offset):
     argument = x * (temperature * beta)
 
     def term(bias):
-        soft, _ = _sigmoid_and_slope(argument - temperature * bias)
+        soft = _sigmoid(argument - temperature * bias)
         return tf.where(hard, 0.5 * (tf.sign(scaled_input - bias) + 1.0), soft)
 
     total = _threshold_sum(biases, weights, term, x)
@@ -458,7 +463,7 @@ def _qn_backward(x, beta, biases, weights, temperature, coefficient, on, upstrea
     argument = x * (temperature * beta)
 
     def term(bias):
-        return _sigmoid_and_slope(argument - temperature * bias)[1]
+        return _slope(argument - temperature * bias)
 
     total = _threshold_sum(biases, weights, term, x)
     return tf.where(on, upstream * (coefficient * total), upstream)
@@ -470,8 +475,7 @@ def _qn_bias_sums(x, beta, biases, weights, temperature, upstream):
     argument = x * (temperature * beta)
 
     def term(bias, weight):
-        _, slope = _sigmoid_and_slope(argument - temperature * bias)
-        return weight * tf.reduce_sum(upstream * slope)
+        return weight * tf.reduce_sum(upstream * _slope(argument - temperature * bias))
 
     n = int(biases.shape[0])
     if n <= _UNROLLED_THRESHOLDS:
