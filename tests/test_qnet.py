@@ -111,6 +111,28 @@ def test_gradients_follow_the_formula_where_the_clip_is_active():
     np.testing.assert_allclose(gx[0], 2 * 50 * 4.5396e-5 * 0.5, rtol=1e-3)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 23.0, 23.5, 400.0])
+def test_factored_exponentials_match_numpy_up_to_their_limit_and_beyond(temperature):
+    """Up to T * (b_max - b_min) / 2 = 70 (here T = 23.3) one exp per element is
+    shared by all thresholds; above it each threshold has its own. Both agree
+    with the reference, also for inputs far outside the thresholds."""
+    levels = tuple(range(8))
+    rng = np.random.default_rng(5)
+    biases = np.asarray(LevelGrid(levels, False).midpoints, np.float32)
+    u = np.concatenate([rng.uniform(-1, 8, 200), [-1e4, -30.0, 30.0, 1e4], biases])
+    x = (u / 0.9).astype(np.float32)
+    upstream = rng.normal(size=x.shape)
+    y, grads = qn_with_tape(x, 1.2, 0.9, biases, temperature, levels, False, upstream)
+    want = np_qn(x, 1.2, 0.9, biases, temperature, levels, False, upstream)
+    np.testing.assert_allclose(y, want[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads[0], want[1], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(grads[1], want[2], rtol=1e-4, atol=1e-4)
+    # dL/dbeta sums terms up to ~1e3 (the inputs at 1e4) into ~1e2, and at T = 400 the
+    # float32 arguments T * beta * x carry ~1e-4 of round-off near a threshold
+    terms = np.sum(np.abs(want[1] * x / 0.9))
+    np.testing.assert_allclose(grads[2], want[3], rtol=0, atol=1e-5 * terms)
+
+
 @pytest.mark.parametrize(
     "levels,signed", [(tuple(range(64)), False), (tuple(range(-127, 128)), True)]
 )

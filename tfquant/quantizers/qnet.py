@@ -33,11 +33,13 @@ the clamp is active the formula still passes a gradient of T * sigmoid(10) *
 clamped forward would be 0 there). The sums over thresholds run in
 XLA-compiled functions (`jit_compile=True`, also inside an uncompiled
 training step): the loop over thresholds becomes one fused pass over the
-input, each sigmoid one exp and one division kept in registers, never an
-[n, ...] stack. The backward pass recomputes the sigmoids instead of saving
-them. A QN activation quantizer still costs about one exp per threshold per
-element in each direction, far more than a FakeQuant; `python -m
-train.benchmark_overhead --methods=qn_w3a3` measures it. The step form is one
+input that keeps the sum in registers, never an [n, ...] stack. The backward
+pass recomputes the sigmoids instead of saving them. While T * (b_max -
+b_min) / 2 <= 70, exp(-T (beta x - b_i)) is computed as one exp per element
+times a constant per threshold, so a threshold costs a product and a
+division; above that every threshold has its own exp (about twice the
+time). `python -m train.benchmark_overhead --methods=qn_w3a3` measures the
+cost. The step form is one
 `searchsorted` and one `gather`, whatever n.
 
 Initialization (`initialize(values)`), from the paper: beta = (5p/4) / max|x|
@@ -391,17 +393,53 @@ def _compiled(function, *args):
     return function(*(tf.stop_gradient(arg) for arg in args))
 
 
-def _sigmoid(argument):
-    """sigmoid(clip(argument, -10, 10)) from one exp and one division."""
-    return 1.0 / (1.0 + tf.exp(-tf.clip_by_value(argument, -_CLAMP, _CLAMP)))
+_EXP_CLAMP = math.exp(_CLAMP)
+# The factored exponential (below) keeps every factor within e^-+80 when
+# T * (b_max - b_min) / 2 + 10 <= 80.
+_FACTOR_LIMIT = 70.0
 
 
-def _slope(argument):
-    """g (1 - g) = t / (1 + t)^2 with g = sigmoid(a), t = exp(-a), a the clamped
-    argument: one division, used once (XLA:CPU writes a division with several
-    users to memory instead of fusing it)."""
-    t = tf.exp(-tf.clip_by_value(argument, -_CLAMP, _CLAMP))
-    return t / ((1.0 + t) * (1.0 + t))
+def _exponential_factory(x, beta, biases, temperature, factored: bool):
+    """A function b -> q(b) = exp(-clip(T (beta x - b), -10, 10)), elementwise.
+
+    Direct: one exp per threshold. Factored: with r the middle of the
+    thresholds, exp(-T (beta x - b)) = exp(-T (beta x - r)) * exp(T (b - r)):
+    one exp per element, then a product and a clip per threshold, the same
+    value up to rounding as long as no factor over- or underflows, which
+    `_factor_limit_ok` checks (beta x is first clipped to within 10 / T of
+    the outermost thresholds, which changes no clipped argument).
+    """
+    if not factored:
+        argument = x * (temperature * beta)
+
+        def direct(bias):
+            return tf.exp(-tf.clip_by_value(argument - temperature * bias, -_CLAMP, _CLAMP))
+
+        return direct
+    low, high = tf.reduce_min(biases), tf.reduce_max(biases)
+    reference = 0.5 * (low + high)
+    margin = _CLAMP / temperature
+    scaled = tf.clip_by_value(x * beta, low - margin, high + margin)
+    common = tf.exp(-temperature * (scaled - reference))
+
+    def factored_exp(bias):
+        return tf.clip_by_value(
+            common * tf.exp(temperature * (bias - reference)), 1.0 / _EXP_CLAMP, _EXP_CLAMP
+        )
+
+    return factored_exp
+
+
+def _slope(q):
+    """g (1 - g) = q / (1 + q)^2 for g = 1 / (1 + q): one division, used once
+    (XLA:CPU writes a division with several users to memory instead of fusing
+    it)."""
+    return q / ((1.0 + q) * (1.0 + q))
+
+
+def _factor_limit_ok(biases, temperature):
+    """True when `_exponential_factory(..., factored=True)` is exact."""
+    return temperature * 0.5 * (tf.reduce_max(biases) - tf.reduce_min(biases)) <= _FACTOR_LIMIT
 
 
 def _threshold_blocks(biases, weights):
@@ -447,35 +485,51 @@ def _qn_forward(x, alpha, beta, biases, weights, temperature, hard, on, offset):
     """where(on, alpha * (sum_i w_i g_i - offset), x), g_i = sigmoid(clip(T (beta x
     - b_i), -10, 10)), or the unit step where `hard` (1/2 at an exact tie)."""
     scaled_input = x * beta
-    argument = x * (temperature * beta)
 
-    def term(bias):
-        soft = _sigmoid(argument - temperature * bias)
-        return tf.where(hard, 0.5 * (tf.sign(scaled_input - bias) + 1.0), soft)
+    def steps():
+        return _threshold_sum(
+            biases, weights, lambda bias: 0.5 * (tf.sign(scaled_input - bias) + 1.0), x
+        )
 
-    total = _threshold_sum(biases, weights, term, x)
+    def sigmoids(factored):
+        exponential = _exponential_factory(x, beta, biases, temperature, factored)
+        # g = 1 / (1 + q): one division, used once (XLA:CPU writes a division with
+        # several users to memory instead of fusing it)
+        return _threshold_sum(biases, weights, lambda bias: 1.0 / (1.0 + exponential(bias)), x)
+
+    total = tf.cond(
+        hard,
+        steps,
+        lambda: tf.cond(
+            _factor_limit_ok(biases, temperature),
+            lambda: sigmoids(True),
+            lambda: sigmoids(False),
+        ),
+    )
     return tf.where(on, alpha * (total - offset), x)
 
 
 @tf.function(jit_compile=True)
 def _qn_backward(x, beta, biases, weights, temperature, coefficient, on, upstream):
     """where(on, upstream * coefficient * sum_i w_i g_i (1 - g_i), upstream)."""
-    argument = x * (temperature * beta)
 
-    def term(bias):
-        return _slope(argument - temperature * bias)
+    def slopes(factored):
+        exponential = _exponential_factory(x, beta, biases, temperature, factored)
+        return _threshold_sum(biases, weights, lambda bias: _slope(exponential(bias)), x)
 
-    total = _threshold_sum(biases, weights, term, x)
+    total = tf.cond(
+        _factor_limit_ok(biases, temperature), lambda: slopes(True), lambda: slopes(False)
+    )
     return tf.where(on, upstream * (coefficient * total), upstream)
 
 
 @tf.function(jit_compile=True)
 def _qn_bias_sums(x, beta, biases, weights, temperature, upstream):
     """sum(upstream * w_i * g_i (1 - g_i)) for every threshold i, shape (n,)."""
-    argument = x * (temperature * beta)
+    exponential = _exponential_factory(x, beta, biases, temperature, factored=False)
 
     def term(bias, weight):
-        return weight * tf.reduce_sum(upstream * _slope(argument - temperature * bias))
+        return weight * tf.reduce_sum(upstream * _slope(exponential(bias)))
 
     n = int(biases.shape[0])
     if n <= _UNROLLED_THRESHOLDS:
