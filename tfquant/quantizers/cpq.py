@@ -126,6 +126,8 @@ HARD_CONCRETE_ZETA = 1.1
 # Inputs are evaluated at most this many sigma beyond the outermost cell edge.
 _CLAMP_SIGMAS = 10.0
 _TINY = 1e-30
+# exp(+-80) is a normal float32 number
+_FACTOR_BOUND = 80.0
 
 
 # ---------------------------------------------------------------------------
@@ -304,29 +306,54 @@ def _soft_derivative(x, code, step, sigma, kmin: int, kmax: int, neighbours, wrt
     tail_coefficient = -step * d_sum / (total * total)
     soft = (outer_g - step * outer_w * d_sum / total) / total
 
-    def edge_term(z, above, inner=None):
-        # With e = exp(-|z|): f = e / (1 + e)^2 and the tail beyond the edge
-        # away from the output point is the small one, e / (1 + e) (the output
-        # is the nearest point, so the edges above it lie above x). One
-        # division per edge, used once: XLA:CPU does not fuse a division with
-        # several users but writes it to memory.
-        e = tf.exp(-tf.abs(z))
+    def edge_term(z, e, above, inner):
+        # e = exp(-|z|): f = e / (1 + e)^2, and the tail beyond the edge away
+        # from the output point is the small one, e / (1 + e) (the output is
+        # the nearest point, so the edges above it lie above x). One division
+        # per edge, used once: XLA:CPU does not fuse a division with several
+        # users but writes it to memory.
         one_plus = 1.0 + e
         h = e if wrt == "x" else z * e
         signed_tail = tf.where(above, e, -e) * one_plus
         term = (density_coefficient * h + tail_coefficient * signed_tail) / (one_plus * one_plus)
         return term if inner is None else tf.where(inner, term, 0.0)
 
+    # Edges at p (in steps, from a reference point): z = p s / sigma - d with
+    # d = (x - s * reference) / sigma. exp(-|z|) is exp(d) exp(-p s / sigma)
+    # above the output and exp(-d) exp(p s / sigma) below it: one exp per
+    # element and a constant per edge, exact while |d| and the constants stay
+    # within e^80 (`bound`); otherwise every edge gets its own exp.
     if neighbours is None:
-        for k in range(kmin, kmax):  # the edge between codes k and k + 1
-            z = (step * (k + 0.5) - x) * inverse_sigma
-            soft += edge_term(z, code <= k)
+        reference = 0.5 * (kmin + kmax)
+        edges = [(k + 0.5 - reference, code <= k, None) for k in range(kmin, kmax)]
+        bound = 0.5 * (kmax - kmin + 1) * ratio + _CLAMP_SIGMAS
     else:
-        for offset in range(-neighbours, neighbours):  # between c + o and c + o + 1
-            z = base + (offset + 0.5) * ratio
-            inner = tf.logical_and(code + offset >= bottom, code + offset + 1.0 <= top)
-            soft += edge_term(z, tf.constant(offset >= 0), inner)
-    return soft
+        reference = code
+        edges = [
+            (
+                offset + 0.5,
+                tf.constant(offset >= 0),
+                tf.logical_and(code + offset >= bottom, code + offset + 1.0 <= top),
+            )
+            for offset in range(-neighbours, neighbours)  # between c + o and c + o + 1
+        ]
+        bound = 0.5 * ratio + _CLAMP_SIGMAS
+    distance = (x - step * reference) * inverse_sigma
+
+    def edge_sum(factored):
+        total = soft
+        if factored:
+            up, down = tf.exp(distance), tf.exp(-distance)
+        for position, above, inner in edges:
+            z = position * ratio - distance
+            if factored:
+                e = tf.where(above, up * tf.exp(-position * ratio), down * tf.exp(position * ratio))
+            else:
+                e = tf.exp(-tf.abs(z))
+            total += edge_term(z, e, above, inner)
+        return total
+
+    return tf.cond(bound <= _FACTOR_BOUND, lambda: edge_sum(True), lambda: edge_sum(False))
 
 
 # The loop over edges runs in XLA-compiled functions: XLA fuses it into one
@@ -340,9 +367,9 @@ def _cpq_upstream_x(x, code, step, sigma, upstream, kmin, kmax, neighbours):
 
 @tf.function(jit_compile=True)
 def _cpq_upstream_sigma(x, code, step, sigma, upstream, kmin, kmax, neighbours):
-    """sum(upstream * sum_k g'_k dpi~_k/dsigma), a scalar."""
-    soft = _soft_derivative(x, code, step, sigma, kmin, kmax, neighbours, "sigma")
-    return tf.reduce_sum(upstream * soft)
+    """upstream * sum_k g'_k dpi~_k/dsigma, elementwise (summed outside: XLA:CPU
+    runs a reduction fused with this much work on one thread)."""
+    return upstream * _soft_derivative(x, code, step, sigma, kmin, kmax, neighbours, "sigma")
 
 
 def cpq_quantize(
@@ -418,8 +445,8 @@ def cpq_quantize(
                 upstream_x = _compiled(
                     _cpq_upstream_x, x_eval, code, step, sigma, upstream, **static
                 )
-                grad_sigma = _compiled(
-                    _cpq_upstream_sigma, x_eval, code, step, sigma, upstream, **static
+                grad_sigma = tf.reduce_sum(
+                    _compiled(_cpq_upstream_sigma, x_eval, code, step, sigma, upstream, **static)
                 )
                 # s dpi/ds = -x dpi/dx - sigma dpi/dsigma (see below)
                 grad_step = (
