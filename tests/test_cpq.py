@@ -226,6 +226,7 @@ def test_numpy_reference_matches_finite_differences():
         (2, True, []),
         (3, True, [0.7]),
         (4, True, [0.5, 1.0]),
+        (4, True, [1.0, 1.0]),  # every level kept: the fused form
         (4, False, []),
         (5, True, [0, 1, 0.8]),
     ],

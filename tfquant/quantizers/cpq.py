@@ -372,6 +372,98 @@ def _cpq_upstream_sigma(x, code, step, sigma, upstream, kmin, kmax, neighbours):
     return upstream * _soft_derivative(x, code, step, sigma, kmin, kmax, neighbours, "sigma")
 
 
+@tf.function(jit_compile=True)
+def _weighted_backward(
+    x_eval, inside, code, step, sigma, level_weights, upstream, bits, signed, neighbours, chunk_size
+):
+    """The gradients of `cpq_quantize` with DropBits / gate weights, cell by
+    cell over the whole grid in chunks, or over `neighbours` kept points on
+    each side (not None). Compiled by XLA, which fuses the per-cell work."""
+    levels = int(level_weights.shape[0])
+    kmin, kmax = code_range(bits, signed)
+    count = kmax - kmin + 1
+    level_table = code_levels(bits, levels) if signed else np.zeros(count, np.int32)
+    keep = level_weights > 0.0
+    window = neighbours is not None
+    weight_table = tf.gather(
+        tf.concat([tf.ones([1], level_weights.dtype), level_weights], 0), level_table
+    )
+    xe = x_eval[..., None]
+    # Grid values relative to the output, g'_k = s (k - code): sum_k dpi~_k = 0,
+    # so the sums are unchanged and no large |g| cancels in float32.
+    centre = code[..., None]
+
+    if window:
+        # Kept points are multiples of 2^(number of leading dropped levels).
+        dropped_lead = tf.reduce_sum(tf.math.cumprod(1.0 - tf.cast(keep, tf.float32)))
+        stride = tf.pow(2.0, dropped_lead)
+        offsets = tf.range(-neighbours, neighbours + 1, dtype=tf.float32)
+        codes = centre + stride * offsets
+        valid = tf.cast(tf.logical_and(codes >= kmin, codes <= kmax), x_eval.dtype)
+        index = tf.cast(tf.clip_by_value(codes - kmin, 0, count - 1), tf.int32)
+        weights = tf.gather(weight_table, index) * valid
+        pi, d_x, d_sigma = _cell_terms(xe, codes, step, sigma)
+        grid = step * stride * offsets
+        total = tf.maximum(tf.reduce_sum(weights * pi, -1), _TINY)
+        mean = tf.reduce_sum(weights * pi * grid, -1) / total
+        sums = [
+            (tf.reduce_sum(weights * d, -1), tf.reduce_sum(weights * grid * d, -1))
+            for d in (d_x, d_sigma)
+        ]
+    else:
+        zeros = tf.zeros_like(x_eval)
+        total, weighted_grid = zeros, zeros
+        sums = [(zeros, zeros), (zeros, zeros)]
+        for start in range(0, count, chunk_size):
+            stop = min(start + chunk_size, count)
+            codes = tf.constant(np.arange(kmin + start, kmin + stop), x_eval.dtype)
+            weights = weight_table[start:stop]
+            pi, d_x, d_sigma = _cell_terms(xe, codes, step, sigma)
+            grid = step * (codes - centre)
+            total += tf.reduce_sum(weights * pi, -1)
+            weighted_grid += tf.reduce_sum(weights * grid * pi, -1)
+            sums = [
+                (
+                    d_sum + tf.reduce_sum(weights * d, -1),
+                    g_sum + tf.reduce_sum(weights * grid * d, -1),
+                )
+                for (d_sum, g_sum), d in zip(sums, (d_x, d_sigma), strict=True)
+            ]
+        total = tf.maximum(total, _TINY)
+        mean = weighted_grid / total
+
+    # sum_k g_k dpi~_k = (sum w g dpi - ybar sum w dpi) / P
+    soft_x, soft_sigma = ((g_sum - mean * d_sum) / total for d_sum, g_sum in sums)
+    # pi depends on x, s and sigma only through x/s and sigma/s, so
+    # s dpi/ds = -x dpi/dx - sigma dpi/dsigma.
+    soft_step = -(x_eval * soft_x + sigma * soft_sigma) / step
+    grad_x = upstream * soft_x * inside
+    grad_step = tf.reduce_sum(upstream * (code + soft_step))
+    grad_sigma = tf.reduce_sum(upstream * soft_sigma)
+
+    grad_levels = tf.zeros_like(level_weights)
+    if levels:
+        scale = (upstream / total)[..., None]
+        if window:
+            per_cell = scale * (grid - mean[..., None]) * pi * valid
+            per_cell_level = tf.gather(tf.constant(level_table), index)
+            grad_levels = tf.math.unsorted_segment_sum(
+                tf.reshape(per_cell, [-1]), tf.reshape(per_cell_level, [-1]), levels + 1
+            )[1:]
+        else:
+            per_code = []
+            for start in range(0, count, chunk_size):
+                stop = min(start + chunk_size, count)
+                codes = tf.constant(np.arange(kmin + start, kmin + stop), x_eval.dtype)
+                pi = _cell_terms(xe, codes, step, sigma)[0]
+                contribution = scale * (step * (codes - centre) - mean[..., None]) * pi
+                per_code.append(tf.reduce_sum(tf.reshape(contribution, [-1, stop - start]), 0))
+            grad_levels = tf.math.unsorted_segment_sum(
+                tf.concat(per_code, 0), tf.constant(level_table), levels + 1
+            )[1:]
+    return grad_x, grad_step, grad_sigma, grad_levels
+
+
 def cpq_quantize(
     x,
     step,
@@ -408,19 +500,23 @@ def cpq_quantize(
         )
     kmin, kmax = code_range(bits, signed)
     count = kmax - kmin + 1
-    level_table = code_levels(bits, levels) if signed else np.zeros(count, np.int32)
     window = neighbours is not None and 2 * neighbours + 1 < count
 
     @tf.custom_gradient
     def forward(x, step, sigma, level_weights):
         keep = level_weights > 0.0
-        code = nearest_kept_code(x / step, keep, bits, signed)
+        if levels:
+            # every level kept: plain round-to-nearest, as without levels
+            code = tf.cond(
+                tf.reduce_all(keep),
+                lambda: nearest_kept_code(x / step, tf.zeros([0], tf.bool), bits, signed),
+                lambda: nearest_kept_code(x / step, keep, bits, signed),
+            )
+        else:
+            code = nearest_kept_code(x / step, keep, bits, signed)
         y = step * code
 
         def grad(upstream):
-            weight_table = tf.gather(
-                tf.concat([tf.ones([1], level_weights.dtype), level_weights], 0), level_table
-            )
             # Evaluate far outliers at 10 sigma beyond the outermost kept cell edge.
             if levels:
                 level_tops = np.array(
@@ -438,9 +534,10 @@ def cpq_quantize(
             high = step * (top + 0.5) + _CLAMP_SIGMAS * sigma
             x_eval = tf.clip_by_value(x, low, high)
             inside = tf.cast(tf.logical_and(x >= low, x <= high), x.dtype)
-            if not levels:
+
+            def unweighted():
                 # Every point weighs 1: the sums telescope over shared cell edges
-                # (`_edge_moments`), computed in fused XLA kernels.
+                # (`_soft_derivative`), computed in fused XLA kernels.
                 static = dict(kmin=kmin, kmax=kmax, neighbours=neighbours if window else None)
                 upstream_x = _compiled(
                     _cpq_upstream_x, x_eval, code, step, sigma, upstream, **static
@@ -448,88 +545,41 @@ def cpq_quantize(
                 grad_sigma = tf.reduce_sum(
                     _compiled(_cpq_upstream_sigma, x_eval, code, step, sigma, upstream, **static)
                 )
-                # s dpi/ds = -x dpi/dx - sigma dpi/dsigma (see below)
+                # s dpi/ds = -x dpi/dx - sigma dpi/dsigma (see `_weighted_backward`)
                 grad_step = (
                     tf.reduce_sum(upstream * code)
                     - (tf.reduce_sum(x_eval * upstream_x) + sigma * grad_sigma) / step
                 )
-                return upstream_x * inside, grad_step, grad_sigma, tf.zeros_like(level_weights)
-            xe = x_eval[..., None]
-            # Grid values relative to the output, g'_k = s (k - code): sum_k dpi~_k = 0,
-            # so the sums are unchanged and no large |g| cancels in float32.
-            centre = code[..., None]
+                return upstream_x * inside, grad_step, grad_sigma
 
-            if window:
-                # Kept points are multiples of 2^(number of leading dropped levels).
-                dropped_lead = tf.reduce_sum(tf.math.cumprod(1.0 - tf.cast(keep, tf.float32)))
-                stride = tf.pow(2.0, dropped_lead)
-                offsets = tf.range(-neighbours, neighbours + 1, dtype=tf.float32)
-                codes = centre + stride * offsets
-                valid = tf.cast(tf.logical_and(codes >= kmin, codes <= kmax), x.dtype)
-                index = tf.cast(tf.clip_by_value(codes - kmin, 0, count - 1), tf.int32)
-                weights = tf.gather(weight_table, index) * valid
-                pi, d_x, d_sigma = _cell_terms(xe, codes, step, sigma)
-                grid = step * stride * offsets
-                total = tf.maximum(tf.reduce_sum(weights * pi, -1), _TINY)
-                mean = tf.reduce_sum(weights * pi * grid, -1) / total
-                sums = [
-                    (tf.reduce_sum(weights * d, -1), tf.reduce_sum(weights * grid * d, -1))
-                    for d in (d_x, d_sigma)
-                ]
-            else:
-                zeros = tf.zeros_like(x)
-                total, weighted_grid = zeros, zeros
-                sums = [(zeros, zeros), (zeros, zeros)]
-                for start in range(0, count, chunk_size):
-                    stop = min(start + chunk_size, count)
-                    codes = tf.constant(np.arange(kmin + start, kmin + stop), x.dtype)
-                    weights = weight_table[start:stop]
-                    pi, d_x, d_sigma = _cell_terms(xe, codes, step, sigma)
-                    grid = step * (codes - centre)
-                    total += tf.reduce_sum(weights * pi, -1)
-                    weighted_grid += tf.reduce_sum(weights * grid * pi, -1)
-                    sums = [
-                        (
-                            d_sum + tf.reduce_sum(weights * d, -1),
-                            g_sum + tf.reduce_sum(weights * grid * d, -1),
-                        )
-                        for (d_sum, g_sum), d in zip(sums, (d_x, d_sigma), strict=True)
-                    ]
-                total = tf.maximum(total, _TINY)
-                mean = weighted_grid / total
+            if not levels:
+                return (*unweighted(), tf.zeros_like(level_weights))
 
-            # sum_k g_k dpi~_k = (sum w g dpi - ybar sum w dpi) / P
-            soft_x, soft_sigma = ((g_sum - mean * d_sum) / total for d_sum, g_sum in sums)
-            # pi depends on x, s and sigma only through x/s and sigma/s, so
-            # s dpi/ds = -x dpi/dx - sigma dpi/dsigma.
-            soft_step = -(x_eval * soft_x + sigma * soft_sigma) / step
-            grad_x = upstream * soft_x * inside
-            grad_step = tf.reduce_sum(upstream * (code + soft_step))
-            grad_sigma = tf.reduce_sum(upstream * soft_sigma)
+            def weighted():
+                # With DropBits / gate weights, cell by cell (weights: small tensors).
+                return _compiled(
+                    _weighted_backward,
+                    x_eval,
+                    inside,
+                    code,
+                    step,
+                    sigma,
+                    level_weights,
+                    upstream,
+                    bits=bits,
+                    signed=signed,
+                    neighbours=neighbours if window else None,
+                    chunk_size=chunk_size,
+                )
 
-            grad_levels = tf.zeros_like(level_weights)
-            if levels:
-                scale = (upstream / total)[..., None]
-                if window:
-                    per_cell = scale * (grid - mean[..., None]) * pi * valid
-                    per_cell_level = tf.gather(tf.constant(level_table), index)
-                    grad_levels = tf.math.unsorted_segment_sum(
-                        tf.reshape(per_cell, [-1]), tf.reshape(per_cell_level, [-1]), levels + 1
-                    )[1:]
-                else:
-                    per_code = []
-                    for start in range(0, count, chunk_size):
-                        stop = min(start + chunk_size, count)
-                        codes = tf.constant(np.arange(kmin + start, kmin + stop), x.dtype)
-                        pi = _cell_terms(xe, codes, step, sigma)[0]
-                        contribution = scale * (step * (codes - centre) - mean[..., None]) * pi
-                        per_code.append(
-                            tf.reduce_sum(tf.reshape(contribution, [-1, stop - start]), 0)
-                        )
-                    grad_levels = tf.math.unsorted_segment_sum(
-                        tf.concat(per_code, 0), tf.constant(level_table), levels + 1
-                    )[1:]
-            return grad_x, grad_step, grad_sigma, grad_levels
+            # Every level kept (most training steps under DropBits): the weights
+            # are all 1 and the fused form applies. The level weights' own
+            # gradient is computed apart, so that a graph that does not use it
+            # (the layers: their masks carry no gradient) prunes it.
+            grad_x, grad_step, grad_sigma = tf.cond(
+                tf.reduce_all(tf.equal(level_weights, 1.0)), unweighted, lambda: weighted()[:3]
+            )
+            return grad_x, grad_step, grad_sigma, weighted()[3]
 
         return y, grad
 
