@@ -233,7 +233,9 @@ def _compiled(function, *args, **static):
     return function(*(tf.stop_gradient(arg) for arg in args), **static)
 
 
-def _soft_derivative(x, code, step, sigma, kmin: int, kmax: int, neighbours, wrt: str):
+def _soft_derivative(
+    x, code, step, sigma, kmin: int, kmax: int, neighbours, wrt: str, factored: bool
+):
     """sum_k g'_k dpi~_k / d(wrt), per element, without DropBits weights.
 
     Cells k = bot..top (the whole grid, or the `neighbours` cells on each
@@ -269,64 +271,61 @@ def _soft_derivative(x, code, step, sigma, kmin: int, kmax: int, neighbours, wrt
     z_top = base + (top - code + 0.5) * ratio
     z_bottom = base + (bottom - code - 0.5) * ratio
 
-    def small_tail(z):  # sigmoid(-|z|)
-        e = tf.exp(-tf.abs(z))
-        return e / (1.0 + e)
-
-    def lower(z):  # F(z)
-        small = small_tail(z)
-        return tf.where(z <= 0.0, small, 1.0 - small)
-
-    def upper(z):  # G(z)
-        small = small_tail(z)
-        return tf.where(z >= 0.0, small, 1.0 - small)
-
-    def density(z):
-        small = small_tail(z)
-        return small * (1.0 - small)
-
-    total = tf.maximum(
-        tf.where(
-            z_top + z_bottom > 0.0,
-            upper(z_bottom) - upper(z_top),
-            lower(z_top) - lower(z_bottom),
-        ),
-        _TINY,
+    # The outer edges as fractions over 1 + e, e = exp(-|z|) (the small tail
+    # is e / (1 + e), the large one 1 / (1 + e), f = e / (1 + e)^2), and every
+    # division below with a single use: XLA:CPU does not fuse a division with
+    # several users but writes it to memory.
+    e_top, e_bottom = tf.exp(-tf.abs(z_top)), tf.exp(-tf.abs(z_bottom))
+    q_top, q_bottom = 1.0 + e_top, 1.0 + e_bottom
+    lower_top = tf.where(z_top <= 0.0, e_top, 1.0)  # F(z_top) (1 + e_top)
+    lower_bottom = tf.where(z_bottom <= 0.0, e_bottom, 1.0)
+    upper_top = tf.where(z_top >= 0.0, e_top, 1.0)  # G(z_top) (1 + e_top)
+    upper_bottom = tf.where(z_bottom >= 0.0, e_bottom, 1.0)
+    denominator = q_top * q_bottom
+    # P = total / denominator, the mass outside the outer edges from the small side
+    total = tf.where(
+        z_top + z_bottom > 0.0,
+        upper_bottom * q_top - upper_top * q_bottom,
+        lower_top * q_bottom - lower_bottom * q_top,
     )
-    outer_w = -(top - code) * upper(z_top) + (code - bottom) * lower(z_bottom)
-    f_top, f_bottom = density(z_top), density(z_bottom)
+    total = tf.maximum(total, _TINY * denominator)
+    # outer part of W: outer_w / denominator
+    outer_w = -(top - code) * upper_top * q_bottom + (code - bottom) * lower_bottom * q_top
+    # h = f (x) or z f (sigma) = h_num / (1 + e)^2
     if wrt == "x":
-        h_top, h_bottom = f_top, f_bottom
+        h_top, h_bottom = e_top, e_bottom
     else:
-        h_top, h_bottom = z_top * f_top, z_bottom * f_bottom
-    d_sum = -(h_top - h_bottom) * inverse_sigma
+        h_top, h_bottom = z_top * e_top, z_bottom * e_bottom
+    h_top, h_bottom = h_top * q_bottom * q_bottom, h_bottom * q_top * q_top
+    # sum dpi = d_sum / (sigma denominator^2), outer sum g' dpi = outer_g / denominator^2
+    d_sum = -(h_top - h_bottom)
     outer_g = -ratio * ((top - code) * h_top - (bottom - code) * h_bottom)
-    # soft = (outer_g + ratio * sum_e h_e - step * (outer_w + sum_e +-tail_e) * d_sum / P) / P
-    density_coefficient = ratio / total
-    tail_coefficient = -step * d_sum / (total * total)
-    soft = (outer_g - step * outer_w * d_sum / total) / total
+    # soft = (sum g' dpi - (s W / P) sum dpi) / P, over total^2:
+    #   (outer_g total - ratio outer_w d_sum) / denominator
+    #   + sum_e ratio (denominator total h_e - d_sum t_e) / (1 + e_e)^2
+    # with t_e the signed small tail times (1 + e_e)^2.
+    density_coefficient = ratio * denominator * total
+    tail_coefficient = ratio * d_sum
+    soft = (outer_g * total - ratio * outer_w * d_sum) / denominator
 
     def edge_term(z, e, above, inner):
-        # e = exp(-|z|): f = e / (1 + e)^2, and the tail beyond the edge away
-        # from the output point is the small one, e / (1 + e) (the output is
-        # the nearest point, so the edges above it lie above x). One division
-        # per edge, used once: XLA:CPU does not fuse a division with several
-        # users but writes it to memory.
+        # The tail beyond the edge away from the output point is the small one
+        # (the output is the nearest point, so the edges above it lie above x).
         one_plus = 1.0 + e
         h = e if wrt == "x" else z * e
         signed_tail = tf.where(above, e, -e) * one_plus
-        term = (density_coefficient * h + tail_coefficient * signed_tail) / (one_plus * one_plus)
+        term = (density_coefficient * h - tail_coefficient * signed_tail) / (one_plus * one_plus)
         return term if inner is None else tf.where(inner, term, 0.0)
 
     # Edges at p (in steps, from a reference point): z = p s / sigma - d with
     # d = (x - s * reference) / sigma. exp(-|z|) is exp(d) exp(-p s / sigma)
     # above the output and exp(-d) exp(p s / sigma) below it: one exp per
     # element and a constant per edge, exact while |d| and the constants stay
-    # within e^80 (`bound`); otherwise every edge gets its own exp.
+    # within e^80 (`_soft_derivative_either` checks); otherwise every edge gets
+    # its own exp.
     if neighbours is None:
         reference = 0.5 * (kmin + kmax)
         edges = [(k + 0.5 - reference, code <= k, None) for k in range(kmin, kmax)]
-        bound = 0.5 * (kmax - kmin + 1) * ratio + _CLAMP_SIGMAS
     else:
         reference = code
         edges = [
@@ -337,39 +336,73 @@ def _soft_derivative(x, code, step, sigma, kmin: int, kmax: int, neighbours, wrt
             )
             for offset in range(-neighbours, neighbours)  # between c + o and c + o + 1
         ]
-        bound = 0.5 * ratio + _CLAMP_SIGMAS
     distance = (x - step * reference) * inverse_sigma
 
-    def edge_sum(factored):
-        total = soft
+    numerator = soft
+    if factored:
+        up, down = tf.exp(distance), tf.exp(-distance)
+    for position, above, inner in edges:
+        z = position * ratio - distance
         if factored:
-            up, down = tf.exp(distance), tf.exp(-distance)
-        for position, above, inner in edges:
-            z = position * ratio - distance
-            if factored:
-                e = tf.where(above, up * tf.exp(-position * ratio), down * tf.exp(position * ratio))
-            else:
-                e = tf.exp(-tf.abs(z))
-            total += edge_term(z, e, above, inner)
-        return total
+            e = tf.where(above, up * tf.exp(-position * ratio), down * tf.exp(position * ratio))
+        else:
+            e = tf.exp(-tf.abs(z))
+        numerator += edge_term(z, e, above, inner)
+    return numerator / (total * total)
 
-    return tf.cond(bound <= _FACTOR_BOUND, lambda: edge_sum(True), lambda: edge_sum(False))
+
+def _soft_derivative_either(x, code, step, sigma, kmin, kmax, neighbours, wrt):
+    """`_soft_derivative`, factored while exact (see there). The condition
+    selects between two whole computations on the inputs: a conditional's
+    operands are written to memory, so it must not cut a computation."""
+    ratio = step / sigma
+    if neighbours is None:
+        bound = 0.5 * (kmax - kmin + 1) * ratio + _CLAMP_SIGMAS
+    else:
+        bound = 0.5 * ratio + _CLAMP_SIGMAS
+    args = (x, code, step, sigma, kmin, kmax, neighbours, wrt)
+    return tf.cond(
+        bound <= _FACTOR_BOUND,
+        lambda: _soft_derivative(*args, factored=True),
+        lambda: _soft_derivative(*args, factored=False),
+    )
 
 
 # The loop over edges runs in XLA-compiled functions: XLA fuses it into one
 # pass over the input that keeps the sum in registers; op by op every edge
 # would cost several passes through memory.
 @tf.function(jit_compile=True)
-def _cpq_upstream_x(x, code, step, sigma, upstream, kmin, kmax, neighbours):
-    """upstream * sum_k g'_k dpi~_k/dx, elementwise."""
-    return upstream * _soft_derivative(x, code, step, sigma, kmin, kmax, neighbours, "x")
+def _cpq_upstream_x(x, low, high, code, step, sigma, upstream, kmin, kmax, neighbours):
+    """upstream * sum_k g'_k dpi~_k/dx at x clipped to [low, high], elementwise."""
+    x = tf.clip_by_value(x, low, high)
+    return upstream * _soft_derivative_either(x, code, step, sigma, kmin, kmax, neighbours, "x")
 
 
 @tf.function(jit_compile=True)
-def _cpq_upstream_sigma(x, code, step, sigma, upstream, kmin, kmax, neighbours):
-    """upstream * sum_k g'_k dpi~_k/dsigma, elementwise (summed outside: XLA:CPU
-    runs a reduction fused with this much work on one thread)."""
-    return upstream * _soft_derivative(x, code, step, sigma, kmin, kmax, neighbours, "sigma")
+def _cpq_upstream_sigma(x, low, high, code, step, sigma, upstream, kmin, kmax, neighbours):
+    """upstream * sum_k g'_k dpi~_k/dsigma at x clipped to [low, high],
+    elementwise (summed apart: XLA:CPU runs a reduction fused with this much
+    work on one thread)."""
+    x = tf.clip_by_value(x, low, high)
+    soft = _soft_derivative_either(x, code, step, sigma, kmin, kmax, neighbours, "sigma")
+    return upstream * soft
+
+
+@tf.function(jit_compile=True)
+def _cpq_finish(x, low, high, code, step, upstream, upstream_x):
+    """(grad_x, the elementwise terms of dL/ds but sigma's) from the x kernel's
+    output: no x gradient beyond [low, high], and s dpi/ds = -x dpi/dx - sigma
+    dpi/dsigma. (Sums are left to TensorFlow: XLA:CPU runs reductions on one
+    thread.)"""
+    inside = tf.logical_and(x >= low, x <= high)
+    x_eval = tf.clip_by_value(x, low, high)
+    return tf.where(inside, upstream_x, 0.0), upstream * code - x_eval * upstream_x / step
+
+
+@tf.function(jit_compile=True)
+def _cpq_codes(x, step, kmin, kmax):
+    """clip(round(x / s), kmin, kmax), rounding half away from zero."""
+    return tf.clip_by_value(ops.round_half_away(x / step), float(kmin), float(kmax))
 
 
 @tf.function(jit_compile=True)
@@ -509,11 +542,11 @@ def cpq_quantize(
             # every level kept: plain round-to-nearest, as without levels
             code = tf.cond(
                 tf.reduce_all(keep),
-                lambda: nearest_kept_code(x / step, tf.zeros([0], tf.bool), bits, signed),
+                lambda: _compiled(_cpq_codes, x, step, kmin=kmin, kmax=kmax),
                 lambda: nearest_kept_code(x / step, keep, bits, signed),
             )
         else:
-            code = nearest_kept_code(x / step, keep, bits, signed)
+            code = _compiled(_cpq_codes, x, step, kmin=kmin, kmax=kmax)
         y = step * code
 
         def grad(upstream):
@@ -532,31 +565,26 @@ def cpq_quantize(
                 top, bottom = float(kmax), float(kmin)
             low = step * (bottom - 0.5) - _CLAMP_SIGMAS * sigma
             high = step * (top + 0.5) + _CLAMP_SIGMAS * sigma
-            x_eval = tf.clip_by_value(x, low, high)
-            inside = tf.cast(tf.logical_and(x >= low, x <= high), x.dtype)
 
             def unweighted():
                 # Every point weighs 1: the sums telescope over shared cell edges
                 # (`_soft_derivative`), computed in fused XLA kernels.
+                tensors = (x, low, high, code, step, sigma, upstream)
                 static = dict(kmin=kmin, kmax=kmax, neighbours=neighbours if window else None)
-                upstream_x = _compiled(
-                    _cpq_upstream_x, x_eval, code, step, sigma, upstream, **static
+                upstream_x = _compiled(_cpq_upstream_x, *tensors, **static)
+                grad_sigma = tf.reduce_sum(_compiled(_cpq_upstream_sigma, *tensors, **static))
+                grad_x, step_terms = _compiled(
+                    _cpq_finish, x, low, high, code, step, upstream, upstream_x
                 )
-                grad_sigma = tf.reduce_sum(
-                    _compiled(_cpq_upstream_sigma, x_eval, code, step, sigma, upstream, **static)
-                )
-                # s dpi/ds = -x dpi/dx - sigma dpi/dsigma (see `_weighted_backward`)
-                grad_step = (
-                    tf.reduce_sum(upstream * code)
-                    - (tf.reduce_sum(x_eval * upstream_x) + sigma * grad_sigma) / step
-                )
-                return upstream_x * inside, grad_step, grad_sigma
+                return grad_x, tf.reduce_sum(step_terms) - sigma * grad_sigma / step, grad_sigma
 
             if not levels:
                 return (*unweighted(), tf.zeros_like(level_weights))
 
             def weighted():
                 # With DropBits / gate weights, cell by cell (weights: small tensors).
+                x_eval = tf.clip_by_value(x, low, high)
+                inside = tf.cast(tf.logical_and(x >= low, x <= high), x.dtype)
                 return _compiled(
                     _weighted_backward,
                     x_eval,
