@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import warnings
 
 import keras
@@ -147,4 +148,31 @@ def test_run_benchmark_tiny_structure(tmp_path):
     assert loaded["rows"][1]["layers"] > loaded["rows"][0]["layers"]
     table = bench.format_table(loaded["rows"])
     assert "lsq_w4a4" in table and "1.00x" in table
+    keras.backend.clear_session()
+
+
+def test_targets_per_method():
+    assert bench.target_of("float") is None
+    assert bench.target_of("lsq_w4a4") == bench.TARGET_RATIO == 1.25
+    assert bench.target_of("dq_w4a4") == 1.25
+    assert bench.target_of("qn_w3a3") == 1.4
+    assert bench.target_of("cpq_w4a4") == 2.0
+
+
+@pytest.mark.slow
+def test_qn_temperature_is_set_on_every_qn_quantizer_and_checked(capsys):
+    with pytest.raises(ValueError, match="qn_temperature must be > 0, got 0"):
+        bench.run_benchmark(methods=["qn_w3a3"], tfmot=False, qn_temperature=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        times, _ = bench.time_keras3_variants(
+            ["qn_w3a3"], steps=1, rounds=1, batch_size=2, warmup_steps=1, seed=0,
+            calibrate=False, qn_temperature=41.0,
+        )  # fmt: skip
+    assert set(times["wall_ms"]) == {"float", "qn_w3a3"}
+    found = re.search(
+        r"(\d+) QN quantizers of qn_w3a3 at temperature 41\b", capsys.readouterr().out
+    )
+    # ResNet-20's kernels and the activation quantizers in front of its layers
+    assert found and int(found.group(1)) >= 30
     keras.backend.clear_session()
