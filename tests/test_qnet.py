@@ -111,11 +111,12 @@ def test_gradients_follow_the_formula_where_the_clip_is_active():
     np.testing.assert_allclose(gx[0], 2 * 50 * 4.5396e-5 * 0.5, rtol=1e-3)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 23.0, 23.5, 400.0])
-def test_factored_exponentials_match_numpy_up_to_their_limit_and_beyond(temperature):
+@pytest.mark.parametrize("temperature", [1.0, 23.0, 23.5, 46.0, 47.0, 400.0])
+def test_shared_exponentials_match_numpy_up_to_their_limit_and_beyond(temperature):
     """Up to T * (b_max - b_min) / 2 = 70 (here T = 23.3) one exp per element is
-    shared by all thresholds; above it each threshold has its own. Both agree
-    with the reference, also for inputs far outside the thresholds."""
+    shared by all 7 thresholds, up to T = 46.7 one per group of 4; above, each
+    threshold has its own. All agree with the reference, also for inputs far
+    outside the thresholds."""
     levels = tuple(range(8))
     rng = np.random.default_rng(5)
     biases = np.asarray(LevelGrid(levels, False).midpoints, np.float32)

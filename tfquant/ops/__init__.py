@@ -1,5 +1,6 @@
 """Pure TensorFlow math shared by every quantizer: no Keras, no state."""
 
+from tfquant.ops.compiled import call_compiled
 from tfquant.ops.fake_quant import (
     fake_quant_unsigned,
     fake_quant_unsigned_with_gradient_terms,
@@ -8,6 +9,7 @@ from tfquant.ops.fake_quant import (
 from tfquant.ops.rounding import round_half_away, round_ste
 
 __all__ = [
+    "call_compiled",
     "fake_quant_unsigned",
     "fake_quant_unsigned_with_gradient_terms",
     "int8_range_for_unsigned_codes",

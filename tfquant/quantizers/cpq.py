@@ -227,12 +227,6 @@ def _cell_terms(x, codes, step, sigma):
     return pi, d_x, d_sigma
 
 
-def _compiled(function, *args, **static):
-    """Calls an XLA-compiled helper on constants of its tensor arguments (the
-    custom gradient around it is the gradient: no tape records inside)."""
-    return function(*(tf.stop_gradient(arg) for arg in args), **static)
-
-
 def _soft_derivative(
     x, code, step, sigma, kmin: int, kmax: int, neighbours, wrt: str, factored: bool
 ):
@@ -542,11 +536,11 @@ def cpq_quantize(
             # every level kept: plain round-to-nearest, as without levels
             code = tf.cond(
                 tf.reduce_all(keep),
-                lambda: _compiled(_cpq_codes, x, step, kmin=kmin, kmax=kmax),
+                lambda: ops.call_compiled(_cpq_codes, x, step, kmin=kmin, kmax=kmax),
                 lambda: nearest_kept_code(x / step, keep, bits, signed),
             )
         else:
-            code = _compiled(_cpq_codes, x, step, kmin=kmin, kmax=kmax)
+            code = ops.call_compiled(_cpq_codes, x, step, kmin=kmin, kmax=kmax)
         y = step * code
 
         def grad(upstream):
@@ -571,9 +565,11 @@ def cpq_quantize(
                 # (`_soft_derivative`), computed in fused XLA kernels.
                 tensors = (x, low, high, code, step, sigma, upstream)
                 static = dict(kmin=kmin, kmax=kmax, neighbours=neighbours if window else None)
-                upstream_x = _compiled(_cpq_upstream_x, *tensors, **static)
-                grad_sigma = tf.reduce_sum(_compiled(_cpq_upstream_sigma, *tensors, **static))
-                grad_x, step_terms = _compiled(
+                upstream_x = ops.call_compiled(_cpq_upstream_x, *tensors, **static)
+                grad_sigma = tf.reduce_sum(
+                    ops.call_compiled(_cpq_upstream_sigma, *tensors, **static)
+                )
+                grad_x, step_terms = ops.call_compiled(
                     _cpq_finish, x, low, high, code, step, upstream, upstream_x
                 )
                 return grad_x, tf.reduce_sum(step_terms) - sigma * grad_sigma / step, grad_sigma
@@ -585,7 +581,7 @@ def cpq_quantize(
                 # With DropBits / gate weights, cell by cell (weights: small tensors).
                 x_eval = tf.clip_by_value(x, low, high)
                 inside = tf.cast(tf.logical_and(x >= low, x <= high), x.dtype)
-                return _compiled(
+                return ops.call_compiled(
                     _weighted_backward,
                     x_eval,
                     inside,

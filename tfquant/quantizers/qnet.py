@@ -34,12 +34,14 @@ clamped forward would be 0 there). The sums over thresholds run in
 XLA-compiled functions (`jit_compile=True`, also inside an uncompiled
 training step): the loop over thresholds becomes one fused pass over the
 input that keeps the sum in registers, never an [n, ...] stack. The backward
-pass recomputes the sigmoids instead of saving them. While T * (b_max -
-b_min) / 2 <= 70, exp(-T (beta x - b_i)) is computed as one exp per element
-times a constant per threshold, so a threshold costs a product and a
-division; above that every threshold has its own exp (about twice the
-time). `python -m train.benchmark_overhead --methods=qn_w3a3` measures the
-cost. The step form is one
+pass recomputes the sigmoids instead of saving them. Thresholds share
+exponentials: exp(-T (beta x - b_i)) is exp(-T (beta x - r)), one exp per
+element, times a constant per threshold, exact up to rounding while T times
+half the spread of the thresholds sharing r stays <= 70. All thresholds
+share one while that holds, else groups of 4, else each threshold has its
+own exp (about twice the time of one shared exp). `python -m
+train.benchmark_overhead --methods=qn_w3a3 [--qn_temperature=T]` measures
+the cost. The step form is one
 `searchsorted` and one `gather`, whatever n.
 
 Initialization (`initialize(values)`), from the paper: beta = (5p/4) / max|x|
@@ -113,6 +115,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfquant import ops
 from tfquant.quantizers.base import (
     InferenceForm,
     Quantizer,
@@ -331,12 +334,12 @@ def qn_quantize(
     def forward(x, alpha, beta, biases, temperature, enabled):
         on = enabled > 0.5
         hard = temperature >= step_temperature
-        y = _compiled(
+        y = ops.call_compiled(
             _qn_forward, x, alpha, beta, biases, weights, temperature, hard, on, grid.offset
         )
 
         def grad(upstream):
-            grad_x = _compiled(
+            grad_x = ops.call_compiled(
                 _qn_backward,
                 x,
                 beta,
@@ -355,7 +358,9 @@ def qn_quantize(
                     on,
                     -temperature
                     * alpha
-                    * _compiled(_qn_bias_sums, x, beta, biases, weights, temperature, upstream),
+                    * ops.call_compiled(
+                        _qn_bias_sums, x, beta, biases, weights, temperature, upstream
+                    ),
                     0.0,
                 )
             else:
@@ -386,48 +391,84 @@ _BLOCK = 16
 _UNROLLED_THRESHOLDS = 32
 
 
-def _compiled(function, *args):
-    """Calls an XLA-compiled helper on constants of its arguments: the
-    custom gradient around it is the gradient, so no tape may record inside
-    (recording would also ask XLA for the loop's intermediate values)."""
-    return function(*(tf.stop_gradient(arg) for arg in args))
-
-
 _EXP_CLAMP = math.exp(_CLAMP)
-# The factored exponential (below) keeps every factor within e^-+80 when
-# T * (b_max - b_min) / 2 + 10 <= 80.
+# A shared exponential (below) keeps every factor within e^-+80 when
+# T * (b_max - b_min) / 2 + 10 <= 80 over the thresholds that share it.
 _FACTOR_LIMIT = 70.0
+# Thresholds sharing one exp per element, tried in this order after "all of
+# them" (group size 1: every threshold its own exp).
+_GROUP_SIZES = (4, 1)
 
 
-def _exponential_factory(x, beta, biases, temperature, factored: bool):
-    """A function b -> q(b) = exp(-clip(T (beta x - b), -10, 10)), elementwise.
+def _exponential_factory(x, beta, biases, temperature, group_size: int):
+    """A function (b_i, i) -> q_i = exp(-clip(T (beta x - b_i), -10, 10)), elementwise.
 
-    Direct: one exp per threshold. Factored: with r the middle of the
-    thresholds, exp(-T (beta x - b)) = exp(-T (beta x - r)) * exp(T (b - r)):
-    one exp per element, then a product and a clip per threshold, the same
-    value up to rounding as long as no factor over- or underflows, which
-    `_factor_limit_ok` checks (beta x is first clipped to within 10 / T of
-    the outermost thresholds, which changes no clipped argument).
+    The thresholds are split into consecutive groups of `group_size` (all of
+    them when it is >= n; i must then be a Python int unless it is). Within a
+    group with middle r, exp(-T (beta x - b)) = exp(-T (beta x - r)) *
+    exp(T (b - r)): one exp per element and group, then a product and a clip
+    per threshold, the same value up to rounding as long as no factor over-
+    or underflows, which `_group_size_index` checks (beta x is first clipped
+    to within 10 / T of the group's outermost thresholds, which changes no
+    clipped argument). Group size 1 computes each threshold's exp directly.
     """
-    if not factored:
+    n = int(biases.shape[0])
+    if group_size == 1:
         argument = x * (temperature * beta)
 
-        def direct(bias):
+        def direct(bias, index):
+            del index
             return tf.exp(-tf.clip_by_value(argument - temperature * bias, -_CLAMP, _CLAMP))
 
         return direct
-    low, high = tf.reduce_min(biases), tf.reduce_max(biases)
-    reference = 0.5 * (low + high)
+    scaled_input = x * beta
     margin = _CLAMP / temperature
-    scaled = tf.clip_by_value(x * beta, low - margin, high + margin)
-    common = tf.exp(-temperature * (scaled - reference))
 
-    def factored_exp(bias):
+    def shared(group):
+        low, high = tf.reduce_min(group), tf.reduce_max(group)
+        reference = 0.5 * (low + high)
+        scaled = tf.clip_by_value(scaled_input, low - margin, high + margin)
+        return reference, tf.exp(-temperature * (scaled - reference))
+
+    def product(bias, reference, common):
         return tf.clip_by_value(
             common * tf.exp(temperature * (bias - reference)), 1.0 / _EXP_CLAMP, _EXP_CLAMP
         )
 
-    return factored_exp
+    if group_size >= n:
+        reference, common = shared(biases)
+        return lambda bias, index: product(bias, reference, common)
+    groups = [shared(biases[start : start + group_size]) for start in range(0, n, group_size)]
+    return lambda bias, index: product(bias, *groups[index // group_size])
+
+
+def _group_sizes(n: int) -> list[int]:
+    """The group sizes `_exponential_factory` may use for n thresholds, the
+    cheapest first: all of them, then `_GROUP_SIZES` (uneven groups only
+    while the loop over thresholds is unrolled)."""
+    sizes = [n] + [m for m in _GROUP_SIZES if m < n and (m == 1 or n <= _UNROLLED_THRESHOLDS)]
+    return sorted(set(sizes), reverse=True)
+
+
+def _group_size_index(biases, temperature, sizes: list[int]):
+    """The index in `sizes` of the largest group size whose shared
+    exponentials are exact (group size 1 always is)."""
+    n = int(biases.shape[0])
+    index = tf.constant(len(sizes) - 1)
+    for position in reversed(range(len(sizes) - 1)):
+        size = sizes[position]
+        spread = tf.reduce_max(
+            tf.stack(
+                [
+                    tf.reduce_max(biases[start : start + size])
+                    - tf.reduce_min(biases[start : start + size])
+                    for start in range(0, n, size)
+                ]
+            )
+        )
+        exact = temperature * 0.5 * spread <= _FACTOR_LIMIT
+        index = tf.where(exact, position, index)
+    return index
 
 
 def _slope(q):
@@ -435,11 +476,6 @@ def _slope(q):
     (XLA:CPU writes a division with several users to memory instead of fusing
     it)."""
     return q / ((1.0 + q) * (1.0 + q))
-
-
-def _factor_limit_ok(biases, temperature):
-    """True when `_exponential_factory(..., factored=True)` is exact."""
-    return temperature * 0.5 * (tf.reduce_max(biases) - tf.reduce_min(biases)) <= _FACTOR_LIMIT
 
 
 def _threshold_blocks(biases, weights):
@@ -454,19 +490,20 @@ def _threshold_blocks(biases, weights):
 
 
 def _threshold_sum(biases, weights, term, like):
-    """sum_i w_i * term(b_i), a tensor shaped like `like`: unrolled up to
-    `_UNROLLED_THRESHOLDS` thresholds, else a while loop over blocks."""
+    """sum_i w_i * term(b_i, i), a tensor shaped like `like`: unrolled up to
+    `_UNROLLED_THRESHOLDS` thresholds (i a Python int), else a while loop
+    over blocks (i None)."""
     n = int(biases.shape[0])
     total = tf.zeros_like(like)
     if n <= _UNROLLED_THRESHOLDS:
         for i in range(n):
-            total += weights[i] * term(biases[i])
+            total += weights[i] * term(biases[i], i)
         return total
     blocks, block_biases, block_weights = _threshold_blocks(biases, weights)
 
     def loop_body(index, total):
         for i in range(_BLOCK):
-            total += block_weights[index, i] * term(block_biases[index, i])
+            total += block_weights[index, i] * term(block_biases[index, i], None)
         return index + 1, total
 
     return tf.while_loop(
@@ -488,22 +525,24 @@ def _qn_forward(x, alpha, beta, biases, weights, temperature, hard, on, offset):
 
     def steps():
         return _threshold_sum(
-            biases, weights, lambda bias: 0.5 * (tf.sign(scaled_input - bias) + 1.0), x
+            biases, weights, lambda bias, _: 0.5 * (tf.sign(scaled_input - bias) + 1.0), x
         )
 
-    def sigmoids(factored):
-        exponential = _exponential_factory(x, beta, biases, temperature, factored)
+    def sigmoids(group_size):
+        exponential = _exponential_factory(x, beta, biases, temperature, group_size)
         # g = 1 / (1 + q): one division, used once (XLA:CPU writes a division with
         # several users to memory instead of fusing it)
-        return _threshold_sum(biases, weights, lambda bias: 1.0 / (1.0 + exponential(bias)), x)
+        return _threshold_sum(
+            biases, weights, lambda bias, i: 1.0 / (1.0 + exponential(bias, i)), x
+        )
 
+    sizes = _group_sizes(int(biases.shape[0]))
     total = tf.cond(
         hard,
         steps,
-        lambda: tf.cond(
-            _factor_limit_ok(biases, temperature),
-            lambda: sigmoids(True),
-            lambda: sigmoids(False),
+        lambda: tf.switch_case(
+            _group_size_index(biases, temperature, sizes),
+            [lambda size=size: sigmoids(size) for size in sizes],
         ),
     )
     return tf.where(on, alpha * (total - offset), x)
@@ -513,12 +552,14 @@ def _qn_forward(x, alpha, beta, biases, weights, temperature, hard, on, offset):
 def _qn_backward(x, beta, biases, weights, temperature, coefficient, on, upstream):
     """where(on, upstream * coefficient * sum_i w_i g_i (1 - g_i), upstream)."""
 
-    def slopes(factored):
-        exponential = _exponential_factory(x, beta, biases, temperature, factored)
-        return _threshold_sum(biases, weights, lambda bias: _slope(exponential(bias)), x)
+    def slopes(group_size):
+        exponential = _exponential_factory(x, beta, biases, temperature, group_size)
+        return _threshold_sum(biases, weights, lambda bias, i: _slope(exponential(bias, i)), x)
 
-    total = tf.cond(
-        _factor_limit_ok(biases, temperature), lambda: slopes(True), lambda: slopes(False)
+    sizes = _group_sizes(int(biases.shape[0]))
+    total = tf.switch_case(
+        _group_size_index(biases, temperature, sizes),
+        [lambda size=size: slopes(size) for size in sizes],
     )
     return tf.where(on, upstream * (coefficient * total), upstream)
 
@@ -526,10 +567,10 @@ def _qn_backward(x, beta, biases, weights, temperature, coefficient, on, upstrea
 @tf.function(jit_compile=True)
 def _qn_bias_sums(x, beta, biases, weights, temperature, upstream):
     """sum(upstream * w_i * g_i (1 - g_i)) for every threshold i, shape (n,)."""
-    exponential = _exponential_factory(x, beta, biases, temperature, factored=False)
+    exponential = _exponential_factory(x, beta, biases, temperature, group_size=1)
 
     def term(bias, weight):
-        return weight * tf.reduce_sum(upstream * _slope(exponential(bias)))
+        return weight * tf.reduce_sum(upstream * _slope(exponential(bias, None)))
 
     n = int(biases.shape[0])
     if n <= _UNROLLED_THRESHOLDS:
