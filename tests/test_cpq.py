@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import tfquant.quantizers.cpq as cpq_module
 from tfquant import quantizers
 from tfquant.quantizers.cpq import (
     CPQQuantizer,
@@ -247,6 +248,21 @@ def test_gradients_match_the_numpy_reference(bits, signed, weights, sigma_ratio)
     np.testing.assert_allclose(got[2], ref[2], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(got[3], ref[3], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(got[4], ref[4], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits,signed,weights", [(4, False, []), (4, True, [1.0, 1.0])])
+def test_compiled_helpers_match_the_numpy_reference(monkeypatch, bits, signed, weights):
+    monkeypatch.setattr(cpq_module, "XLA_KERNELS", True)
+    rng = np.random.default_rng(6)
+    s = 0.15
+    x = np.concatenate([_inputs(rng, 200, s, bits, signed), [50.0, -50.0]])
+    upstream = rng.normal(size=x.size)
+    ref = np_cpq(x, s, 0.3 * s, weights, bits, signed, upstream)
+    got = _tf_cpq(x, s, 0.3 * s, weights, bits, signed, upstream)
+    np.testing.assert_allclose(got[0], ref[0], atol=1e-6)
+    np.testing.assert_allclose(got[1], ref[1], atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(got[2], ref[2], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got[3], ref[3], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("bits,signed", [(8, True), (6, False), (5, True)])

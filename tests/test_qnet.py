@@ -111,8 +111,9 @@ def test_gradients_follow_the_formula_where_the_clip_is_active():
     np.testing.assert_allclose(gx[0], 2 * 50 * 4.5396e-5 * 0.5, rtol=1e-3)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("temperature", [1.0, 23.0, 23.5, 46.0, 47.0, 400.0])
-def test_shared_exponentials_match_numpy_up_to_their_limit_and_beyond(temperature):
+def test_shared_exponentials_match_numpy_up_to_their_limit_and_beyond(temperature, compiled):
     """Up to T * (b_max - b_min) / 2 = 70 (here T = 23.3) one exp per element is
     shared by all 7 thresholds, up to T = 46.7 one per group of 4; above, each
     threshold has its own. All agree with the reference, also for inputs far
@@ -123,7 +124,9 @@ def test_shared_exponentials_match_numpy_up_to_their_limit_and_beyond(temperatur
     u = np.concatenate([rng.uniform(-1, 8, 200), [-1e4, -30.0, 30.0, 1e4], biases])
     x = (u / 0.9).astype(np.float32)
     upstream = rng.normal(size=x.shape)
-    y, grads = qn_with_tape(x, 1.2, 0.9, biases, temperature, levels, False, upstream)
+    y, grads = qn_with_tape(
+        x, 1.2, 0.9, biases, temperature, levels, False, upstream, compiled=compiled
+    )
     want = np_qn(x, 1.2, 0.9, biases, temperature, levels, False, upstream)
     np.testing.assert_allclose(y, want[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(grads[0], want[1], rtol=1e-4, atol=1e-4)

@@ -1,6 +1,6 @@
 """Pure TensorFlow math shared by every quantizer: no Keras, no state."""
 
-from tfquant.ops.compiled import call_compiled
+from tfquant.ops.compiled import call_compiled, switchable
 from tfquant.ops.fake_quant import (
     fake_quant_unsigned,
     fake_quant_unsigned_with_gradient_terms,
@@ -15,4 +15,5 @@ __all__ = [
     "int8_range_for_unsigned_codes",
     "round_half_away",
     "round_ste",
+    "switchable",
 ]

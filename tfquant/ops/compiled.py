@@ -12,3 +12,14 @@ def call_compiled(function, *args, **static):
     value of the compiled loops.
     """
     return function(*(tf.stop_gradient(arg) for arg in args), **static)
+
+
+def switchable(body, compiled):
+    """`body` as a `tf.function`, XLA-compiled when `compiled()` is true at
+    the call (checked each time, so a module flag can switch it)."""
+    variants = {flag: tf.function(body, jit_compile=flag) for flag in (False, True)}
+
+    def call(*args, **kwargs):
+        return variants[bool(compiled())](*args, **kwargs)
+
+    return call
