@@ -375,9 +375,9 @@ def _soft_derivative_either(x, code, step, sigma, kmin, kmax, neighbours, wrt):
     )
 
 
-# The loop over edges runs in XLA-compiled functions: XLA fuses it into one
-# pass over the input that keeps the sum in registers; op by op every edge
-# would cost several passes through memory.
+# The helpers below run as graphs, or XLA-compiled with `XLA_KERNELS`: XLA
+# fuses the loop over edges into one pass over the input that keeps the sum
+# in registers; op by op every edge costs several passes through memory.
 @_kernel
 def _cpq_upstream_x(x, low, high, code, step, sigma, upstream, kmin, kmax, neighbours):
     """upstream * sum_k g'_k dpi~_k/dx at x clipped to [low, high], elementwise."""
@@ -575,7 +575,7 @@ def cpq_quantize(
 
             def unweighted():
                 # Every point weighs 1: the sums telescope over shared cell edges
-                # (`_soft_derivative`), computed in fused XLA kernels.
+                # (`_soft_derivative`).
                 tensors = (x, low, high, code, step, sigma, upstream)
                 static = dict(kmin=kmin, kmax=kmax, neighbours=neighbours if window else None)
                 upstream_x = ops.call_compiled(_cpq_upstream_x, *tensors, **static)

@@ -129,7 +129,6 @@ from tfquant.quantizers.constraints import AtLeast
 
 _METHOD = "QN"
 _CLAMP = 10.0  # |T * (beta * x - b)| is clipped to this before the sigmoid
-_STEP_SCALE = 1e30  # the temperature that makes the sigmoids exact steps
 _MIN_SCALE = 1e-8  # alpha and beta are kept >= this
 _KMEANS_SAMPLES = 200_000
 
@@ -386,13 +385,10 @@ def qn_quantize(
     )
 
 
-# The sums over thresholds run in XLA-compiled functions: XLA fuses the whole
-# loop over thresholds into one pass over the input that keeps the partial
-# sums in registers. Run op by op, every threshold would cost several passes
-# through memory, and the quantizer would be memory-bound. Up to
-# `_UNROLLED_THRESHOLDS` thresholds the loop is unrolled into one fused
-# kernel; above that (6- to 8-bit uniform sets) a `tf.while_loop` runs blocks
-# of `_BLOCK` thresholds, each block fused.
+# The loop over thresholds is unrolled up to `_UNROLLED_THRESHOLDS`; above
+# that (6- to 8-bit uniform sets) a `tf.while_loop` runs blocks of `_BLOCK`
+# thresholds. Compiled by XLA (`XLA_KERNELS`), an unrolled loop or a block
+# becomes one pass over the input that keeps the partial sums in registers.
 _BLOCK = 16
 _UNROLLED_THRESHOLDS = 32
 
@@ -410,7 +406,7 @@ def _exponential_factory(x, beta, biases, temperature, group_size: int):
     """A function (b_i, i) -> q_i = exp(-clip(T (beta x - b_i), -10, 10)), elementwise.
 
     The thresholds are split into consecutive groups of `group_size` (all of
-    them when it is >= n; i must then be a Python int unless it is). Within a
+    them when it is >= n; with smaller groups i must be a Python int). Within a
     group with middle r, exp(-T (beta x - b)) = exp(-T (beta x - r)) *
     exp(T (b - r)): one exp per element and group, then a product and a clip
     per threshold, the same value up to rounding as long as no factor over-
