@@ -26,7 +26,7 @@ def _row(name, kind, method, bits, status="ok", **values):
     return row
 
 
-def _ok(name, kind, method, bits, accuracy, size, latency=None, ratio=1.2):
+def _ok(name, kind, method, bits, accuracy, size, latency=None, ratio=1.2, **values):
     return _row(
         name,
         kind,
@@ -40,6 +40,7 @@ def _ok(name, kind, method, bits, accuracy, size, latency=None, ratio=1.2):
         step_time_ratio=ratio,
         latency=latency or {"1": {"median_us": 200.0}, "2": {"median_us": 130.0}},
         tflite=f"{name}.tflite",
+        **values,
     )
 
 
@@ -50,6 +51,7 @@ def _result():
         _ok("qil_w4a4", "tfquant", "qil", 4, 0.97, 22.4),
         _row("qil_w2a2", "tfquant", "qil", 2, status="error", error="ExportError in export: bad"),
         _ok("lsq_w4a4", "tfquant", "lsq", 4, 0.96, 22.4, latency={"1": {"median_us": 180.5}}),
+        _ok("qn_w4a4", "tfquant", "qn", 4, 0.95, 22.4, accuracy_before_bn_reestimation=0.8),
         _ok("tfmot_w8a8", "tfmot_int8", "tfmot", 8, 0.97, 30.5, ratio=None),
         _row(
             "tfmot_w4a8",
@@ -85,6 +87,7 @@ def _result():
             "finetune_learning_rate": 5e-4,
             "batch_size": 64,
             "calibration_samples": 512,
+            "bn_reestimation_rows": 256,
             "seed": 0,
             "runs": 5,
             "threads": [1, 2],
@@ -213,7 +216,7 @@ def test_format_table_rows_errors_and_skips():
     assert lines[0].startswith("| method | W/A bits | Keras acc | TFLite acc | agreement")
     assert "latency 1T us" in lines[0] and "latency 2T us" in lines[0]
     assert "step time vs float" in lines[0]
-    assert len(lines) == 2 + 7
+    assert len(lines) == 2 + 8
     assert (
         "| float | float | 98.00% | 97.90% | 99.80% | 90.00% | 97.0 | 200.0 | 130.0 | 1.00x"
         in (lines[2])
@@ -221,8 +224,9 @@ def test_format_table_rows_errors_and_skips():
     assert "| qil | W4A4 | 97.00% | 96.90% |" in lines[4]
     assert "| qil | W2A2 | - | - | - | - | - | - | - | - | error: ExportError" in lines[5]
     assert "| 180.5 | - | 1.20x |" in lines[6]
-    assert "| tfmot | W8A8 |" in lines[7] and "| - |" in lines[7]
-    assert "skipped: tf_keras not installed" in lines[8]
+    assert "| qn | W4A4 | 95.00% |" in lines[7]
+    assert "| tfmot | W8A8 |" in lines[8] and "| - |" in lines[8]
+    assert "skipped: tf_keras not installed" in lines[9]
 
 
 def test_format_markdown_has_table_command_plots_and_paper_figures(tmp_path):
@@ -237,6 +241,9 @@ def test_format_markdown_has_table_command_plots_and_paper_figures(tmp_path):
     assert "- Machine: x86_64, 2 CPUs" in page
     assert "float 1 epochs" in page and "momentum 0.99" in page and "total 1.5 min" in page
     assert "![Accuracy vs bits](img/a.png)" in page
+    assert "statistics re-estimated after fine-tuning on 256 training rows" in page
+    # only the row whose accuracy moved by a point or more is listed
+    assert "where it differs by a point or more: qn_w4a4 80.00%" in page
     assert "- qil_w2a2: error: ExportError in export: bad" in page
     assert "## Paper figures we scale down from" in page
     # The paper table: published figures beside ours, "-" where we have no row.
@@ -320,6 +327,8 @@ def test_run_benchmark_tiny_end_to_end(tmp_path):
     assert os.path.isfile(row["tflite"]) and row["size_kib"] > 0
     assert row["latency"]["1"]["median_us"] > 0 and row["step_time_ratio"] > 0
     assert "INT4" in row["weight_storage"]
+    assert 0.0 <= row["accuracy_before_bn_reestimation"] <= 1.0 and row["bn_std_ratio"] >= 1.0
+    assert loaded["config"]["bn_reestimation_rows"] == 300
     history = loaded["parameter_history"]["lsq_w4a4"]
     assert history[0]["epoch"] == 0.0 and history[-1]["epoch"] == 1.0
     assert any(key.endswith("step") for key in history[-1]["values"])
