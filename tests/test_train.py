@@ -168,6 +168,7 @@ def test_zoo_models_quantize(name, shape, options):
         ("labels", "none", "--labels=none: training without labels needs --distill_from"),
         ("init_from", "/no/model.keras", "--init_from=/no/model.keras: file does not exist"),
         ("quantizer_learning_rate", -1.0, "--quantizer_learning_rate=-1.0"),
+        ("bn_reestimation_batches", -1, "--bn_reestimation_batches=-1: must be >= 0"),
     ],
 )
 def test_validate_config_names_flag_and_value(field, value, match):
@@ -290,6 +291,27 @@ def test_each_method_trains(tmp_path, method):
     assert os.path.exists(tmp_path / "final.keras")
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert [row["epoch"] for row in metrics] == [0]
+
+
+def test_bn_reestimation_sets_the_statistics_of_training_rows(tmp_path, capsys):
+    from tfquant.datasets import load_arrays
+
+    config = _quick_config(method="lsq", bn_reestimation_batches=2)
+    result = trainer.train(config, str(tmp_path), verbose=0)
+    assert "re-estimated on 64 training rows (3 layers" in capsys.readouterr().out
+    model = keras.models.load_model(result["final_model"])
+    rows = load_arrays("digits").x_train[:64]
+    conv = model.get_layer("block1_conv")
+    outputs = keras.Model(model.inputs, conv.output)(rows, training=False).numpy()
+    bn = model.get_layer("block1_bn")
+    np.testing.assert_allclose(
+        bn.moving_mean.numpy(), outputs.reshape(-1, outputs.shape[-1]).mean(0), atol=1e-4
+    )
+    # a model without BatchNormalization is refused before any training
+    lenet = _quick_config(method="float", model="lenet5", bn_reestimation_batches=1)
+    with pytest.raises(ValueError, match="--bn_reestimation_batches=1: model .* no BatchNorm"):
+        trainer.train(lenet, str(tmp_path / "lenet"), verbose=0)
+    assert not os.path.exists(tmp_path / "lenet" / "metrics.json")
 
 
 def test_mixed_precision_trains_and_saves_a_float32_model(tmp_path):

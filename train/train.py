@@ -93,6 +93,12 @@ _DISTILL_TEMPERATURE = flags.DEFINE_float("distill_temperature", 1.0, "Softmax t
 _DISTILL_WEIGHT = flags.DEFINE_float(
     "distill_weight", 0.5, "Weight of the distillation loss when labels are used."
 )
+_BN_REESTIMATION_BATCHES = flags.DEFINE_integer(
+    "bn_reestimation_batches",
+    0,
+    "After training, replace BatchNormalization moving statistics with those of this many "
+    "un-augmented training batches under the final weights (0: keep the moving averages).",
+)
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Output directory.")
 _VERBOSE = flags.DEFINE_integer("verbose", 1, "Keras progress bar mode: 0, 1 or 2.")
 
@@ -130,6 +136,7 @@ def config_from_flags():
         weight_quantizer_options=_WEIGHT_QUANTIZER_OPTIONS.value,
         activation_quantizer_options=_ACTIVATION_QUANTIZER_OPTIONS.value,
         qn_phases=_QN_PHASES.value,
+        bn_reestimation_batches=_BN_REESTIMATION_BATCHES.value,
     )
 
 

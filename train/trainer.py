@@ -112,6 +112,7 @@ class TrainConfig:
     distill_temperature: float = 1.0
     distill_weight: float = 0.5
     calibration_samples: int = 512
+    bn_reestimation_batches: int = 0
     weight_quantizer_options: dict | str = dataclasses.field(default_factory=dict)
     activation_quantizer_options: dict | str = dataclasses.field(default_factory=dict)
     qn_phases: str = ""
@@ -252,6 +253,8 @@ def validate_config(config: TrainConfig) -> None:
     for flag in ("epochs", "batch_size", "calibration_samples"):
         if getattr(config, flag) < 1:
             raise _bad(flag, getattr(config, flag), "must be >= 1")
+    if config.bn_reestimation_batches < 0:
+        raise _bad("bn_reestimation_batches", config.bn_reestimation_batches, "must be >= 0")
     if config.steps_per_epoch is not None and config.steps_per_epoch < 1:
         raise _bad("steps_per_epoch", config.steps_per_epoch, "must be >= 1 (or unset)")
     if config.optimizer not in ("sgd", "adam"):
@@ -801,6 +804,12 @@ def _train(config: TrainConfig, model_dir: str, strategy, verbose: int) -> dict:
 
     with strategy.scope():
         network = build_network(config, pipeline)
+        if config.bn_reestimation_batches and not tfquant.batch_norm.batch_norm_layers(network):
+            raise _bad(
+                "bn_reestimation_batches",
+                config.bn_reestimation_batches,
+                f"model {network.name!r} has no BatchNormalization layer",
+            )
         teacher = (
             load_teacher(config.distill_from, pipeline.num_classes) if config.distill_from else None
         )
@@ -831,12 +840,32 @@ def _train(config: TrainConfig, model_dir: str, strategy, verbose: int) -> dict:
     # Mixed precision is a training detail: the saved model computes in float32,
     # as the integer file's verification expects.
     final = precision.float32_copy(network)
+    if config.bn_reestimation_batches:
+        final = _reestimated_batch_norm(final, network, config, pipeline)
     final.save(final_path)
     final.export(os.path.join(output_dir, "saved_model"), verbose=False)
     print("\n" + format_table(history), flush=True)
     result = dict(history[-1]) if history else {}
     result.update(final_model=final_path, history=history)
     return result
+
+
+def _reestimated_batch_norm(final, network, config, pipeline) -> keras.Model:
+    """A copy of `final` outside any strategy whose BatchNormalization
+    statistics are those of `--bn_reestimation_batches` un-augmented
+    training batches under the final weights (`tfquant.reestimate_batch_norm`)."""
+    if final is network:
+        final = network.__class__.from_config(network.get_config())
+        final.set_weights(network.get_weights())
+    rows = pipeline.calibration_batch(config.bn_reestimation_batches * config.batch_size)
+    report = tfquant.reestimate_batch_norm(final, rows, batch_size=config.batch_size)
+    worst = max(report.values(), key=lambda layer: layer["std_ratio"])
+    print(
+        f"BatchNormalization statistics re-estimated on {len(rows)} training rows "
+        f"({len(report)} layers; largest std change {worst['std_ratio']:.3f}x)",
+        flush=True,
+    )
+    return final
 
 
 def _train_with_fit(config, model, pipeline, recorder, hooks, output_dir, verbose):
