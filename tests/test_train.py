@@ -312,6 +312,7 @@ def test_bn_reestimation_sets_the_statistics_of_training_rows(tmp_path, capsys):
     with pytest.raises(ValueError, match="--bn_reestimation_batches=1: model .* no BatchNorm"):
         trainer.train(lenet, str(tmp_path / "lenet"), verbose=0)
     assert not os.path.exists(tmp_path / "lenet" / "metrics.json")
+    assert not os.path.exists(tmp_path / "lenet")
 
 
 def test_mixed_precision_trains_and_saves_a_float32_model(tmp_path):

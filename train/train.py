@@ -170,7 +170,10 @@ def main(argv):
         trainer.check_replicas(config, strategy)
     except ValueError as error:
         _fail(str(error))
-    trainer.train(config, os.path.abspath(_MODEL_DIR.value), strategy, verbose=_VERBOSE.value)
+    try:
+        trainer.train(config, os.path.abspath(_MODEL_DIR.value), strategy, verbose=_VERBOSE.value)
+    except trainer.FlagError as error:  # a setting that only the built model refutes
+        _fail(str(error))
 
 
 if __name__ == "__main__":

@@ -161,10 +161,14 @@ def _quantizer_spec(name: str, options: dict) -> str | dict:
     return {"class_name": name, "config": dict(options)} if options else name
 
 
-def _bad(flag: str, value: Any, why: str) -> ValueError:
+class FlagError(ValueError):
+    """A bad setting, as `--flag=value: reason`."""
+
+
+def _bad(flag: str, value: Any, why: str) -> FlagError:
     if isinstance(value, dict):
         value = json.dumps(value)
-    return ValueError(f"--{flag}={value}: {why}")
+    return FlagError(f"--{flag}={value}: {why}")
 
 
 def _check_quantizer_options(config: TrainConfig) -> None:
@@ -790,18 +794,6 @@ def _train(config: TrainConfig, model_dir: str, strategy, verbose: int) -> dict:
     pipeline = input_pipeline.make_pipeline(
         config.dataset, config.batch_size, config.data_dir, config.seed, config.steps_per_epoch
     )
-    output_dir = _output_dir(model_dir, strategy)
-    os.makedirs(output_dir, exist_ok=True)
-    resolved = config.to_dict()
-    resolved.update(
-        num_replicas=strategy.num_replicas_in_sync,
-        steps_per_epoch=pipeline.steps_per_epoch,
-        input_shape=list(pipeline.input_shape),
-        num_classes=pipeline.num_classes,
-        scheme=config.scheme().to_dict() if config.quantized else None,
-    )
-    fileio.write_atomically(os.path.join(output_dir, "config.json"), json.dumps(resolved, indent=2))
-
     with strategy.scope():
         network = build_network(config, pipeline)
         if config.bn_reestimation_batches and not tfquant.batch_norm.batch_norm_layers(network):
@@ -830,6 +822,19 @@ def _train(config: TrainConfig, model_dir: str, strategy, verbose: int) -> dict:
             0.0,
         )
         model.setup_optimizers(weight_optimizer, quantizer_optimizer)
+    # Written once the model is built, so that a setting refused there leaves nothing.
+    output_dir = _output_dir(model_dir, strategy)
+    os.makedirs(output_dir, exist_ok=True)
+    resolved = config.to_dict()
+    resolved.update(
+        num_replicas=strategy.num_replicas_in_sync,
+        steps_per_epoch=pipeline.steps_per_epoch,
+        input_shape=list(pipeline.input_shape),
+        num_classes=pipeline.num_classes,
+        scheme=config.scheme().to_dict() if config.quantized else None,
+    )
+    fileio.write_atomically(os.path.join(output_dir, "config.json"), json.dumps(resolved, indent=2))
+
     recorder = RunRecorder(output_dir, network)
     hooks = _epoch_hooks(network, config)
     if config.strategy in FIT_STRATEGIES:
