@@ -16,10 +16,13 @@ def call_compiled(function, *args, **static):
 
 def switchable(body, compiled):
     """`body` as a `tf.function`, XLA-compiled when `compiled()` is true at
-    the call (checked each time, so a module flag can switch it)."""
+    the call (checked each time, so a module flag can switch it). The two
+    versions are also `call.variants[False]` (plain) and `[True]` (compiled),
+    for a caller that chooses per call."""
     variants = {flag: tf.function(body, jit_compile=flag) for flag in (False, True)}
 
     def call(*args, **kwargs):
         return variants[bool(compiled())](*args, **kwargs)
 
+    call.variants = variants
     return call

@@ -330,21 +330,22 @@ def qn_quantize(
     """
     grid = LevelGrid(levels, signed)
     weights = tf.constant(grid.steps, tf.float32)
-    _qn_forward, _qn_backward, _qn_bias_sums = _HELPERS[
-        XLA_KERNELS if compiled is None else bool(compiled)
-    ]
+    forward_sums, backward_sums, bias_sums = (
+        kernel if compiled is None else kernel.variants[bool(compiled)]
+        for kernel in (_qn_forward, _qn_backward, _qn_bias_sums)
+    )
 
     @tf.custom_gradient
     def forward(x, alpha, beta, biases, temperature, enabled):
         on = enabled > 0.5
         hard = temperature >= step_temperature
         y = ops.call_compiled(
-            _qn_forward, x, alpha, beta, biases, weights, temperature, hard, on, grid.offset
+            forward_sums, x, alpha, beta, biases, weights, temperature, hard, on, grid.offset
         )
 
         def grad(upstream):
             grad_x = ops.call_compiled(
-                _qn_backward,
+                backward_sums,
                 x,
                 beta,
                 biases,
@@ -362,9 +363,7 @@ def qn_quantize(
                     on,
                     -temperature
                     * alpha
-                    * ops.call_compiled(
-                        _qn_bias_sums, x, beta, biases, weights, temperature, upstream
-                    ),
+                    * ops.call_compiled(bias_sums, x, beta, biases, weights, temperature, upstream),
                     0.0,
                 )
             else:
@@ -600,13 +599,9 @@ def _qn_bias_sums_body(x, beta, biases, weights, temperature, upstream):
 # and 94.4-94.7% against 88-95% after it. Set `XLA_KERNELS = False` (or pass
 # `compiled=False`) for plain graphs, e.g. where XLA is not available.
 XLA_KERNELS = True
-_HELPERS = {
-    compiled: tuple(
-        tf.function(body, jit_compile=compiled)
-        for body in (_qn_forward_body, _qn_backward_body, _qn_bias_sums_body)
-    )
-    for compiled in (False, True)
-}
+_qn_forward = ops.switchable(_qn_forward_body, lambda: XLA_KERNELS)
+_qn_backward = ops.switchable(_qn_backward_body, lambda: XLA_KERNELS)
+_qn_bias_sums = ops.switchable(_qn_bias_sums_body, lambda: XLA_KERNELS)
 
 
 def kmeans_1d(values: np.ndarray, clusters: int, max_iterations: int = 100) -> np.ndarray | None:
