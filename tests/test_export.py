@@ -11,8 +11,11 @@ from tfquant import lite
 from tfquant.datasets import load_arrays
 from tfquant.layers.quant_layers import _round_on_fine_grid
 from tfquant.lite import inspect as lite_inspect
+from tfquant.lite import verify
 
 L = keras.layers
+# INT4 weights, made exact for this host's kernels, so that the host can verify them.
+_INT4_HERE = {"int4_weights": True, "target": verify.host_target()}
 
 
 def _float_model(input_shape):
@@ -45,15 +48,19 @@ def trained(digits):
     model = _float_model(digits.input_shape)
     model.compile(keras.optimizers.Adam(3e-3), loss)
     model.fit(digits.x_train, digits.y_train, epochs=4, batch_size=64, verbose=0)
+    # After 90 steps, BatchNormalization's moving averages (momentum 0.99) still
+    # hold much of their initial values: the model would be at chance in inference.
+    tfquant.reestimate_batch_norm(model, digits.x_train)
     qmodel = tfquant.quantize_model(model, "qil_w4a4", calibration_data=digits.x_train[:256])
     qmodel.compile(keras.optimizers.Adam(1e-3), loss)
     qmodel.fit(digits.x_train, digits.y_train, epochs=1, batch_size=64, verbose=0)
+    tfquant.reestimate_batch_norm(qmodel, digits.x_train)
     return model, qmodel
 
 
 @pytest.fixture(scope="module")
 def exported(trained, digits):
-    return lite.export_model(trained[1], digits.x_test, digits.y_test)
+    return lite.export_model(trained[1], digits.x_test, digits.y_test, **_INT4_HERE)
 
 
 def test_fully_integer_with_int4_weights(exported):
@@ -143,7 +150,8 @@ def test_align_biases_puts_biases_on_the_int32_grid(trained, digits):
 
 @pytest.mark.parametrize("int4", [True, False], ids=["int4_weights", "int8_weights"])
 def test_file_matches_keras_code_for_code(trained, digits, int4):
-    result = lite.export_model(trained[1], digits.x_test, digits.y_test, int4_weights=int4)
+    options = _INT4_HERE if int4 else {}
+    result = lite.export_model(trained[1], digits.x_test, digits.y_test, **options)
     verification = result.report["verification"]
     assert verification["identical_output_codes"] >= 0.99, verification
     assert verification["max_output_step_difference"] <= 1, verification
@@ -154,8 +162,22 @@ def test_file_matches_keras_code_for_code(trained, digits, int4):
         for layer in trained[1].layers
         if isinstance(layer, tfquant.layers.QuantActivation) and layer.requantization
     ]
-    # Only INT4 kernels round twice; an INT8 export clears what an INT4 one set.
-    assert bool(emulated) == int4, emulated
+    # Only INT4 kernels round twice, on x86; an INT8 export clears what an INT4 one set.
+    assert bool(emulated) == (int4 and verify.host_target() == "x86"), emulated
+
+
+def test_int4_alignment_follows_the_target(trained):
+    """arm64's builtin kernels round once, like XNNPACK; x86's INT4 convolutions twice."""
+    qmodel = keras.models.clone_model(trained[1])
+    qmodel.set_weights(trained[1].get_weights())
+    assert lite.match_integer_kernels(qmodel, int4_weights=True, target="arm64") == {}
+    on_x86 = lite.match_integer_kernels(qmodel, int4_weights=True, target="x86")
+    assert on_x86 and all(exponents for exponents in on_x86.values()), on_x86
+    assert lite.match_integer_kernels(qmodel, int4_weights=False, target="x86") == {}
+    with pytest.raises(ValueError, match="'mips'"):
+        lite.match_integer_kernels(qmodel, target="mips")
+    with pytest.raises(lite.ExportError, match="'mips'"):
+        lite.export_model(qmodel, np.zeros((1, 8, 8, 1), np.float32), target="mips")
 
 
 def test_compare_layers_finds_each_quantizer_tensor(trained, digits):
