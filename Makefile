@@ -3,6 +3,8 @@
 # make bench  every method at 8/4/3/2 bits vs float and tfmot -> docs/RESULTS.md (about 25
 #             minutes on a quiet 2-core host);  make bench-quick is a few-minute smoke run of it
 # make recipes  every small training recipe on MNIST-10k, in its own process -> docs/RECIPES.md
+# make arm64  once: an emulated arm64 LiteRT (QEMU + Debian arm64 Python) in .arm64/, for
+#             export --verify_arm64 and the arm64 tests; offline after that
 # Both create .venv and install what they need on first use.
 
 PYTHON ?= python3
@@ -10,7 +12,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-quick lint format overhead bench bench-quick recipes clean
+.PHONY: install arm64 demo test test-quick lint format overhead bench bench-quick recipes clean
 
 install: $(STAMP)
 
@@ -19,6 +21,9 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test,lite,plots]"
 	touch $(STAMP)
+
+arm64: install
+	$(PY) -m export.arm64_env
 
 demo: install
 	$(PY) -m train.demo
@@ -52,4 +57,4 @@ recipes: install
 	$(PY) -m train.run_recipes --output_dir=recipes_output --results_md=docs/RECIPES.md
 
 clean:
-	rm -rf $(VENV) demo_output recipes_output
+	rm -rf $(VENV) .arm64 demo_output recipes_output
