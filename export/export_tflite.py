@@ -2,7 +2,8 @@
 
     python -m export.export_tflite --model=qil_w4a4.keras --output=qil_w4a4.tflite \
         --data=digits [--samples=2000] [--output_type=int8|float32] \
-        [--min_agreement=0.995] [--allow_mismatch] [--post_training]
+        [--min_agreement=0.995] [--allow_mismatch] [--post_training] \
+        [--int4_weights [--target=arm64|x86]] [--verify_arm64 [--arm64_cpu=MODEL]]
 
 Writes OUTPUT, OUTPUT-without-extension.json and .txt (the report), each
 atomically, and only after verification against the Keras model passed.
@@ -39,7 +40,17 @@ def define_flags() -> None:
         upper_bound=1.0,
     )
     flags.DEFINE_bool(
-        "int4_weights", True, "Store 2..4-bit weights as packed INT4; --noint4_weights stores INT8."
+        "int4_weights",
+        False,
+        "Store 2..4-bit weights as packed INT4 (about 0.6x the file) instead of INT8. INT4 "
+        "convolutions run in builtin kernels that round differently per CPU: the file is made "
+        "exact for --target and verified there.",
+    )
+    flags.DEFINE_enum(
+        "target",
+        "arm64",
+        ["arm64", "x86"],
+        "The CPU the file is for (arm64: Android phones); decides how INT4 layers round.",
     )
     flags.DEFINE_bool("allow_mismatch", False, "Write the file even below --min_agreement.")
     flags.DEFINE_integer(
@@ -48,6 +59,17 @@ def define_flags() -> None:
         "Also compare every activation quantizer's codes with the file's tensor on this many "
         "samples and print a table (where Keras and TFLite first differ).",
         lower_bound=0,
+    )
+    flags.DEFINE_bool(
+        "verify_arm64",
+        False,
+        "Also verify on arm64 (Android's CPU) kernels, emulated on an x86 host: build the "
+        "environment once with `make arm64`. The file must reach --min_agreement there too.",
+    )
+    flags.DEFINE_string(
+        "arm64_cpu",
+        None,
+        "QEMU CPU model for --verify_arm64 (default: max, every feature QEMU implements).",
     )
     flags.DEFINE_bool(
         "post_training",
@@ -66,12 +88,16 @@ def run(
     min_agreement,
     allow_mismatch,
     post_training,
-    int4_weights=True,
+    int4_weights=False,
     per_layer=0,
+    verify_arm64=False,
+    arm64_cpu=None,
+    target="arm64",
 ):
     import keras
 
     from tfquant import datasets, lite, precision
+    from tfquant.lite import arm64, verify
 
     directory = os.path.dirname(os.path.abspath(output_path))
     if not os.path.isdir(directory):
@@ -89,6 +115,14 @@ def run(
             "exporting its float32 copy"
         )
         model = float32_model
+    targets = (verify.host_target(),)
+    if int4_weights and not post_training:
+        targets = (*targets, target)
+    if verify_arm64:
+        targets = (*targets, "arm64")
+    targets = tuple(dict.fromkeys(targets))
+    if "arm64" in targets:
+        arm64.check_environment()  # before any work: say at once if it is not built
     dataset = datasets.load_arrays(data_spec)
     x, y = dataset.x_test[:samples], dataset.y_test[:samples]
     if post_training:
@@ -104,12 +138,13 @@ def run(
         allow_mismatch=allow_mismatch,
         post_training=post_training,
         int4_weights=int4_weights,
+        target=target,
+        targets=targets,
+        arm64_cpu=arm64_cpu,
     )
     lite.save_export(result, output_path)
     print(lite.format_report(result.report))
     if per_layer and not post_training:
-        from tfquant.lite import verify
-
         print(verify.format_layers(verify.compare_layers(model, result.content, x[:per_layer])))
     return result.report
 
@@ -118,6 +153,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from tfquant import lite
+    from tfquant.lite import arm64
 
     try:
         run(
@@ -131,8 +167,11 @@ def main(argv):
             FLAGS.post_training,
             FLAGS.int4_weights,
             FLAGS.per_layer,
+            FLAGS.verify_arm64,
+            FLAGS.arm64_cpu,
+            FLAGS.target,
         )
-    except (lite.ExportError, ValueError) as error:
+    except (lite.ExportError, arm64.Arm64Error, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
 

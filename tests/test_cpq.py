@@ -411,7 +411,7 @@ def _small_conv_model():
 def test_quantize_model_trains_and_exports_learned_int4_and_int8():
     from tfquant import quantize_model
     from tfquant.datasets import load_arrays
-    from tfquant.lite import export_model
+    from tfquant.lite import export_model, verify
 
     digits = load_arrays("digits")
     x, y = digits.x_train[:512], digits.y_train[:512]
@@ -445,7 +445,13 @@ def test_quantize_model_trains_and_exports_learned_int4_and_int8():
     assert report["average_weight_bits"] == pytest.approx(expected)
     # This briefly trained model loses exact agreement in TFLite with any
     # quantizer (LSQ W4A4 on it agrees on about 93%); the weight storage is the point here.
-    exported = export_model(qmodel, digits.x_test[:256], allow_mismatch=True)
+    exported = export_model(
+        qmodel,
+        digits.x_test[:256],
+        allow_mismatch=True,
+        int4_weights=True,
+        target=verify.host_target(),
+    )
     kinds = {layer["name"]: layer for layer in exported.report["layers"]}
     assert kinds["conv1"]["weight_bits"] == 3 and kinds["conv1"]["weight_storage"] == "INT4"
     assert kinds["conv2"]["weight_bits"] == 4 and kinds["conv2"]["weight_storage"] == "INT4"

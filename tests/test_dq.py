@@ -11,6 +11,7 @@ from tfquant import lite, quantizers
 from tfquant.datasets import load_arrays
 from tfquant.layers import QuantActivation, QuantConv2D, QuantDense
 from tfquant.lite import inspect as lite_inspect
+from tfquant.lite import verify
 from tfquant.quantizers import ChannelAwareActivationQuantizer, DirectQuantizer
 from tfquant.quantizers.dq import (
     channel_aware_step,
@@ -479,7 +480,10 @@ def _quantize_train_export(float_model, digits, weights):
     )
     assert np.isfinite(history.history["loss"][0])
     x, y = digits.x_test[:200], digits.y_test[:200]
-    exported = lite.export_model(qmodel, x, y, min_agreement=0.0)
+    # INT4 where the levels allow it, made exact for, and verified on, this host's kernels.
+    exported = lite.export_model(
+        qmodel, x, y, min_agreement=0.0, int4_weights=True, target=verify.host_target()
+    )
     assert lite_inspect.non_integer_ops(exported.content) == []
     return qmodel, exported
 

@@ -626,7 +626,7 @@ def test_quantize_model_trains_and_exports_to_an_integer_model():
     assert all(float(q.temperature.numpy()) == 11.0 for q, _ in found)
     assert np.isfinite(history.history["loss"]).all()
 
-    from tfquant.lite import export_model
+    from tfquant.lite import export_model, verify
     from tfquant.lite.lower import lower_model
 
     # the integer-ready graph computes what Keras does (BatchNorm folding changes
@@ -634,7 +634,10 @@ def test_quantize_model_trains_and_exports_to_an_integer_model():
     lowered = lower_model(qmodel).function(tf.constant(x)).numpy()
     same = np.isclose(lowered, qmodel.predict(x, verbose=0), atol=1e-5).all(axis=1)
     assert same.mean() >= 0.95
-    result = export_model(qmodel, x, y, allow_mismatch=True)  # raises unless fully integer
+    # raises unless fully integer; INT4 made exact for, and verified on, this host's kernels
+    result = export_model(
+        qmodel, x, y, allow_mismatch=True, int4_weights=True, target=verify.host_target()
+    )
     kernels = [w for w in result.report["weights"] if w["op"] in ("CONV_2D", "FULLY_CONNECTED")]
     assert len(kernels) == 3 and {w["storage"] for w in kernels} == {"INT4"}
     assert result.report["verification"]["top1_agreement"] >= 0.95

@@ -388,6 +388,8 @@ def run_benchmark(
                 min_agreement=TARGET_TOP1_AGREEMENT,
                 allow_mismatch=True,
                 int4_weights=int4,
+                # INT4 files made exact for, and verified on, this host's kernels.
+                target=verify.host_target(),
             )
             path = os.path.join(output_dir, f"{method}{suffix}.tflite")
             lite.save_export(result, path)

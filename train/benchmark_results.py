@@ -432,11 +432,17 @@ def tflite_accuracy_as_is(model, dataset, bits: int) -> float:
     import keras
 
     from tfquant import lite
+    from tfquant.lite import verify
 
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
     result = lite.export_model(
-        copy, dataset.x_test, dataset.y_test, allow_mismatch=True, int4_weights=bits <= 4
+        copy,
+        dataset.x_test,
+        dataset.y_test,
+        allow_mismatch=True,
+        int4_weights=bits <= 4,
+        target=verify.host_target(),
     )
     return result.report["verification"]["tflite_accuracy"]
 
@@ -579,6 +585,7 @@ def _quantized_row(
     and the recorded parameter history (None when not recorded)."""
     import tfquant
     from tfquant import lite
+    from tfquant.lite import verify
 
     name = scheme_name(method, bits)
     scheme, note = bench_scheme(method, bits)
@@ -621,8 +628,14 @@ def _quantized_row(
             row["bn_std_ratio"] = max(layer["std_ratio"] for layer in reestimation.values())
             stage = "export"
             start = time.perf_counter()
+            # INT4 files made exact for, and verified on, this host's kernels.
             result = lite.export_model(
-                qmodel, dataset.x_test, dataset.y_test, allow_mismatch=True, int4_weights=bits <= 4
+                qmodel,
+                dataset.x_test,
+                dataset.y_test,
+                allow_mismatch=True,
+                int4_weights=bits <= 4,
+                target=verify.host_target(),
             )
             path = os.path.join(output_dir, f"{name}.tflite")
             lite.save_export(result, path)

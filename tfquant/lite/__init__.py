@@ -13,6 +13,7 @@ from tfquant.lite.export import (
     write_atomically,
 )
 from tfquant.lite.lower import (
+    TARGETS,
     ExportError,
     align_biases,
     align_levels,
@@ -21,6 +22,7 @@ from tfquant.lite.lower import (
 )
 
 __all__ = [
+    "TARGETS",
     "ExportError",
     "align_biases",
     "align_levels",

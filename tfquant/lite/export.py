@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -12,7 +13,9 @@ import tensorflow as tf
 from tfquant import fileio, precision
 from tfquant.lite import inspect as lite_inspect
 from tfquant.lite import verify
+from tfquant.lite.arm64 import Arm64Error
 from tfquant.lite.lower import (
+    TARGETS,
     ExportError,
     align_biases,
     align_levels,
@@ -70,8 +73,12 @@ def export_model(
     min_agreement: float = 0.995,
     allow_mismatch: bool = False,
     post_training: bool = False,
-    int4_weights: bool = True,
+    int4_weights: bool = False,
     align: bool = True,
+    target: str = "arm64",
+    targets: Sequence[str] | None = None,
+    runtimes: Sequence[str] = ("default", "builtin"),
+    arm64_cpu: str | None = None,
 ) -> ExportResult:
     """Exports a quantized Keras model to integer TFLite and verifies it.
 
@@ -84,7 +91,15 @@ def export_model(
       min_agreement: smallest acceptable top-1 agreement with Keras.
       allow_mismatch: return the model even below `min_agreement`.
       post_training: the float baseline: standard post-training quantization.
-      int4_weights: store 2..4-bit weights as INT4 (else as INT8).
+      int4_weights: store 2..4-bit weight codes as packed INT4 (0.5 byte a
+        weight) instead of INT8. INT8-weight layers run in XNNPACK, LiteRT's
+        default delegate, which computes the same codes on every CPU; INT4
+        convolutions run in TFLite's builtin kernels, which are slower and
+        round differently on arm64 and x86, so an INT4 file is exact on
+        `target` only. Hence INT8 by default.
+      target: the CPU architecture the file is for, "arm64" (Android phones,
+        the default) or "x86": `align` makes the Keras model round like that
+        CPU's kernels (it matters only for INT4 convolutions).
       align: first move the model's biases onto TFLite's int32 bias grid, in
         place (`tfquant.lite.align_biases`: at most half a bias step per
         channel), and make its inference round like the file's integer
@@ -93,6 +108,18 @@ def export_model(
         the report as `bias_shift_max`. Learned non-uniform weight levels (DQ)
         are first rounded onto their int8 codes (`tfquant.lite.align_levels`,
         at most half an int8 step, reported as `level_shift_max` in int8 steps).
+      targets: the CPU architectures whose LiteRT kernels run the file for
+        the verification: "x86" and/or "arm64". Default: the host's own, and
+        `target` too when the file has INT4 weights. On an x86 host, "arm64"
+        runs under emulation
+        (`tfquant.lite.arm64`; build it once with `make arm64`). The bar
+        applies to each target.
+      runtimes: the LiteRT runtimes run on each target: "default" (with the
+        XNNPACK delegate, what an app gets unless it opts out), "builtin"
+        (optimized builtin kernels only), "reference". `min_agreement`
+        applies to "default", always run; the others are reported.
+      arm64_cpu: QEMU's CPU model for the emulated arm64 run (default
+        `tfquant.lite.arm64.DEFAULT_CPU`).
 
     Returns:
       The flatbuffer and a report dict (per layer, size, verification).
@@ -101,6 +128,8 @@ def export_model(
       ExportError: the model cannot be lowered, the result is not fully
         integer, or it disagrees with Keras.
     """
+    if target not in TARGETS:
+        raise ExportError(f"target must be one of {TARGETS}, got {target!r}")
     if output_type not in ("int8", "float32"):
         raise ExportError(f"output_type must be 'int8' or 'float32', got {output_type!r}")
     low = precision.reduced_precision_layers(model)
@@ -127,7 +156,7 @@ def export_model(
         level_shifts = align_levels(model) if align else {}
         shifts = align_biases(model) if align else {}
         if align:
-            match_integer_kernels(model, int4_weights)
+            match_integer_kernels(model, int4_weights, target)
         lowered = lower_model(model, int4_weights=int4_weights)
         content = convert_lowered(lowered, output_type)
         for layer in lowered.layers:
@@ -139,25 +168,52 @@ def export_model(
     problems = lite_inspect.non_integer_ops(content)
     if problems:
         raise ExportError("the converted model is not fully integer:\n  " + "\n  ".join(problems))
-    agreement = verify.compare(model, content, x, y)
+    report_weights = [
+        {"op": w["op"], "storage": w["storage"], "channels": int(w["scales"].size)}
+        for w in lite_inspect.weight_tensors(content)
+    ]
+    if targets is None:
+        int4 = any(w["storage"] == "INT4" for w in report_weights)
+        targets = (verify.host_target(), target) if int4 else (verify.host_target(),)
+    targets = tuple(dict.fromkeys(targets))
+    runtimes = tuple(dict.fromkeys((verify.CHECKED_RUNTIME, *runtimes)))
+    reference = model.predict(x, batch_size=256, verbose=0)
+    try:
+        by_target = verify.compare_on_targets(
+            reference, content, x, y, targets, runtimes, arm64_cpu
+        )
+    except Arm64Error as error:
+        hint = (
+            " (INT4 convolutions round differently per CPU: verify on the target, or store "
+            "INT8 weights, which compute the same on every CPU)"
+            if target == "arm64" and any(w["storage"] == "INT4" for w in report_weights)
+            else ""
+        )
+        raise ExportError(f"cannot verify on arm64: {error}{hint}") from None
+    agreement = by_target[targets[0]][verify.CHECKED_RUNTIME]
     report = {
         "mode": "post_training" if post_training else "quantization_aware",
         "output_type": output_type,
         "size_bytes": len(content),
         "layers": layers,
-        "weights": [
-            {"op": w["op"], "storage": w["storage"], "channels": int(w["scales"].size)}
-            for w in lite_inspect.weight_tensors(content)
-        ],
+        "weights": report_weights,
+        "target": target,
         "verification": agreement.to_dict(),
+        "targets": {
+            target: {runtime: a.to_dict() for runtime, a in by_runtime.items()}
+            for target, by_runtime in by_target.items()
+        },
         "min_agreement": min_agreement,
     }
-    if agreement.top1_agreement < min_agreement and not allow_mismatch:
-        raise ExportError(
-            f"top-1 agreement between TFLite and Keras is {100 * agreement.top1_agreement:.2f}% "
-            f"on {agreement.samples} samples, below the required {100 * min_agreement:.2f}% "
-            "(nothing written; pass allow_mismatch / --allow_mismatch to write it anyway)"
-        )
+    for target, by_runtime in by_target.items():
+        checked = by_runtime[verify.CHECKED_RUNTIME]
+        if checked.top1_agreement < min_agreement and not allow_mismatch:
+            raise ExportError(
+                f"top-1 agreement between TFLite on {target} ({verify.CHECKED_RUNTIME} runtime) "
+                f"and Keras is {100 * checked.top1_agreement:.2f}% on {checked.samples} "
+                f"samples, below the required {100 * min_agreement:.2f}% (nothing written; "
+                "pass allow_mismatch / --allow_mismatch to write it anyway)"
+            )
     return ExportResult(content, report)
 
 
@@ -197,6 +253,18 @@ def format_report(report: dict) -> str:
         f"identical output codes {100 * v['identical_output_codes']:.2f}%, max difference "
         f"{v['max_output_step_difference']} step(s)"
     )
+    targets = report.get("targets", {})
+    if sum(len(by_runtime) for by_runtime in targets.values()) > 1:
+        lines.append(
+            f"  {'target':<7} {'runtime':<10} {'top-1 agr.':>10} {'identical':>10} {'max diff':>8}"
+        )
+        for target, by_runtime in targets.items():
+            for runtime, a in by_runtime.items():
+                lines.append(
+                    f"  {target:<7} {runtime:<10} {100 * a['top1_agreement']:9.2f}% "
+                    f"{100 * a['identical_output_codes']:9.2f}% "
+                    f"{a['max_output_step_difference']:8d}"
+                )
     if "tflite_accuracy" in v:
         lines.append(
             f"accuracy: Keras {100 * v['keras_accuracy']:.2f}%, "

@@ -243,20 +243,36 @@ def align_levels(model: keras.Model) -> dict[str, float]:
     return shifts
 
 
-def match_integer_kernels(model: keras.Model, int4_weights: bool = True) -> dict[str, list[int]]:
-    """Makes the Keras model's inference round like the integer file's kernels.
+# CPU architectures whose kernels the exporter can align a model to.
+TARGETS = ("arm64", "x86")
 
-    Sets `QuantActivation.set_requantization` on every activation quantizer
-    fed by a layer whose weights will be stored as INT4 (TFLite runs those in
-    its builtin kernels, which round twice), and clears it on the others
-    (INT8 weights run in XNNPACK, which rounds once). Call it after
-    `align_biases`. `export_model` calls both.
+
+def match_integer_kernels(
+    model: keras.Model, int4_weights: bool = True, target: str = "arm64"
+) -> dict[str, list[int]]:
+    """Makes the Keras model's inference round like the integer file's kernels on `target`.
+
+    INT8-weight layers run in XNNPACK (LiteRT's default delegate), which
+    requantizes in float32 and rounds once, identically on every CPU. INT4
+    convolutions run in TFLite's builtin kernels, whose rounding depends on
+    the CPU: on arm64 (Android phones) they round once, like XNNPACK; on
+    x86 they round twice (a rounding doubling multiply, then a rounding
+    shift). For `target="x86"` this sets `QuantActivation.set_requantization`
+    on every activation quantizer fed by an INT4 Conv2D or DepthwiseConv2D
+    (and by an INT4 Dense with an odd number of inputs, which XNNPACK does
+    not take); everywhere else, and for `target="arm64"`, it clears it. Call
+    it after `align_biases`. `export_model` calls both.
 
     Returns:
       The multiplier exponents per activation quantizer it set.
+
+    Raises:
+      ValueError: `target` is not one of `TARGETS`.
     """
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     _, order, consumers = _prepare(model)
-    plan = _plan(order, consumers, int4_weights)
+    plan = _plan(order, consumers, int4_weights, target)
     chosen = {}
     for operation, _ in order:
         if isinstance(operation, QuantActivation):
@@ -280,6 +296,7 @@ class _Plan:
         self.reports: list[LayerReport] = []
         self.activation_forms: dict[int, InferenceForm] = {}
         self.int4_weights = True
+        self.target = "arm64"
         self.after_quantizer: set[int] = set()
         self.bias_shifts: dict[int, tuple] = {}
         self.requantizations: dict[int, tuple] = {}
@@ -432,9 +449,10 @@ _LOWERABLE = (
 )
 
 
-def _plan(order, consumers, int4_weights: bool) -> _Plan:
+def _plan(order, consumers, int4_weights: bool, target: str = "arm64") -> _Plan:
     plan = _Plan()
     plan.int4_weights = int4_weights
+    plan.target = target
     for operation, node in order:
         if not isinstance(operation, _LOWERABLE):
             raise ExportError(
@@ -595,10 +613,10 @@ def _plan_kernel(plan: _Plan, layer, node, consumers):
         shift = np.round(bias / grid) * grid - bias
         report.bias_step = float(grid.max())
         plan.bias_shifts[id(layer)] = (layer, batch_norm, shift)
-        if isinstance(follower, QuantActivation) and q_max == 7:
-            # INT4 kernels run outside XNNPACK, in TFLite's builtin kernels,
-            # which requantize with a rounding doubling multiply and a
-            # rounding shift: two roundings (see QuantActivation.set_requantization).
+        if isinstance(follower, QuantActivation) and _rounds_twice(layer, q_max, plan.target):
+            # INT4 convolutions run outside XNNPACK, in TFLite's builtin
+            # kernels, which on x86 requantize with a rounding doubling multiply
+            # and a rounding shift: two roundings (see QuantActivation.set_requantization).
             form = plan.activation_forms[id(follower)]
             multiplier = grid / float(form.scale)
             plan.requantizations[id(follower)] = (
@@ -611,6 +629,16 @@ def _plan_kernel(plan: _Plan, layer, node, consumers):
             )
     plan.kernels[id(layer)] = (make_kernel, bias.astype(np.float32), input_form)
     plan.reports.append(report)
+
+
+def _rounds_twice(layer, q_max: int, target: str) -> bool:
+    """Whether the kernel that runs `layer` (with the default runtime) rounds
+    its requantization twice: TFLite's builtin x86 kernels, which run INT4
+    convolutions and INT4 FULLY_CONNECTED with an odd input depth (XNNPACK
+    takes the others)."""
+    if target != "x86" or q_max != 7:
+        return False
+    return not isinstance(layer, QuantDense) or int(layer.kernel.shape[0]) % 2 == 1
 
 
 def level_scales(levels: np.ndarray, layer) -> np.ndarray:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
 from tfquant.lite import inspect as lite_inspect
+from tfquant.lite import litert_worker
+from tfquant.lite.lower import TARGETS
 
 
 @dataclasses.dataclass
@@ -24,35 +27,105 @@ class Agreement:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
+# The runtime whose figures must reach the bar; the others are reported.
+CHECKED_RUNTIME = "default"
+
+
+def host_target() -> str:
+    """ "arm64" on an aarch64 host, else "x86"."""
+    from tfquant.lite import arm64
+
+    return "arm64" if arm64.is_native() else "x86"
+
+
+def input_codes(batch: np.ndarray, detail: dict) -> np.ndarray:
+    """What to feed for float inputs `batch`: int8 codes (round half up, as
+    TFLite's QUANTIZE does) when the input `detail` is int8, else the floats."""
+    batch = np.asarray(batch, np.float32)
+    if detail["dtype"] != np.int8:
+        return batch
+    scale, zero_point = detail["quantization"]
+    return np.clip(np.floor(batch / scale + 0.5) + zero_point, -128, 127).astype(np.int8)
+
+
 def feed_input(interp, batch: np.ndarray) -> None:
-    """Resizes the interpreter's input to `batch` and sets it, as int8 codes
-    (round half up, TFLite's QUANTIZE) when the model takes int8."""
+    """Resizes the interpreter's input to `batch` and sets it (see `input_codes`)."""
     batch = np.asarray(batch, np.float32)
     index = interp.get_input_details()[0]["index"]
     interp.resize_tensor_input(index, batch.shape)
     interp.allocate_tensors()
-    detail = interp.get_input_details()[0]
-    if detail["dtype"] == np.int8:
-        scale, zero_point = detail["quantization"]
-        batch = np.clip(np.floor(batch / scale + 0.5) + zero_point, -128, 127).astype(np.int8)
-    interp.set_tensor(detail["index"], batch)
+    interp.set_tensor(index, input_codes(batch, interp.get_input_details()[0]))
+
+
+def _details(content: bytes) -> tuple[dict, dict]:
+    interp = lite_inspect.interpreter(content)
+    return interp.get_input_details()[0], interp.get_output_details()[0]
 
 
 def run_tflite(
-    content: bytes, x: np.ndarray, batch_size: int = 256, num_threads: int = 2
+    content: bytes,
+    x: np.ndarray,
+    batch_size: int = 256,
+    num_threads: int = 2,
+    runtime: str = "default",
 ) -> tuple[np.ndarray, dict]:
-    """Runs the model on float inputs (quantized here if the model takes int8).
+    """Runs the model on the host on float inputs (quantized here if the
+    model takes int8), with `runtime` ("default": XNNPACK delegate,
+    "builtin": builtin kernels only, "reference").
 
     Returns the raw outputs (int8 codes or floats) and the output details.
     """
-    interp = lite_inspect.interpreter(content, num_threads=num_threads)
-    outputs = []
-    for start in range(0, len(x), batch_size):
-        feed_input(interp, x[start : start + batch_size])
-        interp.invoke()
-        output_detail = interp.get_output_details()[0]
-        outputs.append(interp.get_tensor(output_detail["index"]).copy())
-    return np.concatenate(outputs), interp.get_output_details()[0]
+    input_detail, output_detail = _details(content)
+    raw = litert_worker.run_model(
+        content, input_codes(x, input_detail), runtime, batch_size, num_threads
+    )
+    return raw, output_detail
+
+
+def run_on_targets(
+    content: bytes,
+    x: np.ndarray,
+    targets: Sequence[str],
+    runtimes: Sequence[str] = ("default", "builtin"),
+    arm64_cpu: str | None = None,
+) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
+    """Runs the file on each target's kernels with each runtime.
+
+    The host's own architecture runs in process; arm64 on an x86 host runs
+    under emulation (`tfquant.lite.arm64`, built once with `make arm64`).
+
+    Returns:
+      {target: {runtime: raw outputs}} and the output details.
+
+    Raises:
+      ValueError: an unknown target or runtime, or x86 asked for on an arm64 host.
+      tfquant.lite.arm64.Arm64Error: the arm64 environment is missing or failed.
+    """
+    from tfquant.lite import arm64
+
+    for target in targets:
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    for runtime in runtimes:
+        if runtime not in litert_worker.RUNTIMES:
+            raise ValueError(
+                f"runtime must be one of {sorted(litert_worker.RUNTIMES)}, got {runtime!r}"
+            )
+    input_detail, output_detail = _details(content)
+    inputs = input_codes(x, input_detail)
+    host = host_target()
+    outputs = {}
+    for target in dict.fromkeys(targets):
+        if target == host:
+            outputs[target] = {
+                runtime: litert_worker.run_model(content, inputs, runtime) for runtime in runtimes
+            }
+        elif target == "arm64":
+            ran = arm64.run(content, inputs, runtimes, cpu=arm64_cpu or arm64.DEFAULT_CPU)
+            outputs[target] = {runtime: ran[runtime] for runtime in runtimes}
+        else:
+            raise ValueError(f"cannot run {target} kernels on this {host} host")
+    return outputs, output_detail
 
 
 def compare(keras_model, content: bytes, x: np.ndarray, y: np.ndarray | None = None) -> Agreement:
@@ -61,6 +134,23 @@ def compare(keras_model, content: bytes, x: np.ndarray, y: np.ndarray | None = N
     reference = keras_model.predict(x, batch_size=256, verbose=0)
     raw, detail = run_tflite(content, x)
     return compare_outputs(reference, raw, detail, y)
+
+
+def compare_on_targets(
+    reference: np.ndarray,
+    content: bytes,
+    x: np.ndarray,
+    y: np.ndarray | None = None,
+    targets: Sequence[str] = ("x86",),
+    runtimes: Sequence[str] = ("default", "builtin"),
+    arm64_cpu: str | None = None,
+) -> dict[str, dict[str, Agreement]]:
+    """`compare` against the Keras outputs `reference`, per target and runtime."""
+    outputs, detail = run_on_targets(content, x, targets, runtimes, arm64_cpu)
+    return {
+        target: {runtime: compare_outputs(reference, raw, detail, y) for runtime, raw in by.items()}
+        for target, by in outputs.items()
+    }
 
 
 def compare_outputs(
