@@ -26,6 +26,7 @@ arm64: install
 	$(PY) -m export.arm64_env
 
 demo: install
+	-$(PY) -m export.arm64_env
 	$(PY) -m train.demo
 
 lint: install

@@ -219,3 +219,19 @@ def test_export_verified_on_x86_and_arm64(environment, quantized, digits, tmp_pa
         assert target["default"]["identical_output_codes"] == 1.0
     text = (tmp_path / "q.txt").read_text()
     assert "arm64   default" in text and "arm64   builtin" in text
+
+
+def test_target_matrix_table_and_bad_path(tmp_path):
+    from export import target_matrix
+
+    cell = {"identical_output_codes": 0.995, "max_output_step_difference": 2}
+    cells = {
+        (name, cpu): {**cell, "top1_agreement": 1.0 if cpu == "x86" else 0.99}
+        for name, _, _ in target_matrix.VARIANTS
+        for cpu in ("x86", "arm64")
+    }
+    table = target_matrix.format_markdown([{"model": "m", "cells": cells}]).splitlines()
+    assert table[0].startswith("| model | INT8 weights, on x86 | INT8 weights, on arm64 |")
+    assert table[2] == "| m | " + " | ".join(["99.50% (2)", "99.50% (2), top-1 99.00%"] * 3) + " |"
+    with pytest.raises(ValueError, match="nothing.keras"):
+        target_matrix.measure([str(tmp_path / "nothing.keras")], "digits", 4)

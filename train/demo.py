@@ -22,6 +22,13 @@ _FINETUNE_EPOCHS = flags.DEFINE_integer(
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Batch size.", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "demo_output", "Where models and the table go.")
+_VERIFY_ARM64 = flags.DEFINE_enum(
+    "verify_arm64",
+    "auto",
+    ["auto", "yes", "no"],
+    "Also verify each file on arm64 kernels (emulated; `make arm64` builds them once): "
+    "auto does where they are built.",
+)
 _METHODS = flags.DEFINE_list(
     "methods",
     ["qil_w4a4", "lsq_w4a4", "qn_w4a4", "dq_w4a4", "cpq_w4a4"],
@@ -29,7 +36,26 @@ _METHODS = flags.DEFINE_list(
 )
 
 
-def run_demo(float_epochs, finetune_epochs, batch_size, seed, output_dir, methods):
+def verification_targets(verify_arm64: str) -> tuple[str, ...]:
+    """The host's architecture, and arm64 when asked for or ("auto") built."""
+    from tfquant.lite import arm64, verify
+
+    targets = (verify.host_target(),)
+    if verify_arm64 == "no":
+        return targets
+    try:
+        arm64.check_environment()
+    except arm64.Arm64Error as error:
+        if verify_arm64 == "yes":
+            raise
+        print(f"== not verifying on arm64 ({error})")
+        return targets
+    return tuple(dict.fromkeys((*targets, "arm64")))
+
+
+def run_demo(
+    float_epochs, finetune_epochs, batch_size, seed, output_dir, methods, verify_arm64="auto"
+):
     """Trains, quantizes, fine-tunes, exports and verifies; returns the table rows."""
     import keras
 
@@ -37,6 +63,8 @@ def run_demo(float_epochs, finetune_epochs, batch_size, seed, output_dir, method
     from tfquant import datasets, lite
     from tfquant.lite import verify
     from train import models
+
+    targets = verification_targets(verify_arm64)
 
     dataset = datasets.load_arrays("digits")
     os.makedirs(output_dir, exist_ok=True)
@@ -92,9 +120,13 @@ def run_demo(float_epochs, finetune_epochs, batch_size, seed, output_dir, method
         path = os.path.join(output_dir, f"{method}.keras")
         qmodel.save(path)
         print(f"== {method}: export to integer TFLite, verified against Keras")
-        result = lite.export_model(qmodel, dataset.x_test, dataset.y_test)
+        result = lite.export_model(qmodel, dataset.x_test, dataset.y_test, targets=targets)
         print(lite.format_report(result.report))
         verification = result.report["verification"]
+        checked = {
+            target: by_runtime[verify.CHECKED_RUNTIME]
+            for target, by_runtime in result.report["targets"].items()
+        }
         row = {
             "method": str(scheme.activations).upper(),
             "bits": f"W{scheme.resolved_weight_bits}A{scheme.resolved_activation_bits}",
@@ -102,7 +134,8 @@ def run_demo(float_epochs, finetune_epochs, batch_size, seed, output_dir, method
             "train_seconds": elapsed,
             "model": path,
             "tflite_accuracy": verification["tflite_accuracy"],
-            "top1_agreement": verification["top1_agreement"],
+            "top1_agreement": min(a["top1_agreement"] for a in checked.values()),
+            "identical_codes": {t: a["identical_output_codes"] for t, a in checked.items()},
         }
         row.update(save(result, method))
         rows.append(row)
@@ -110,20 +143,32 @@ def run_demo(float_epochs, finetune_epochs, batch_size, seed, output_dir, method
 
 
 def format_table(rows) -> str:
+    targets = list(dict.fromkeys(t for row in rows for t in row.get("identical_codes", {})))
     header = (
         f"{'method':<7} {'bits':<7} {'Keras acc':>9} {'TFLite acc':>10} {'agreement':>9} "
-        f"{'size':>9} {'train time':>10}"
+        + "".join(f"{'codes ' + t:>12}" for t in targets)
+        + f" {'size':>9} {'train time':>10}"
     )
     lines = [header, "-" * len(header)]
+
+    def percent(value):
+        return "-" if value is None else f"{100 * value:.2f}%"
+
     for row in rows:
-        agreement = row.get("top1_agreement")
-        agreement = "-" if agreement is None else f"{100 * agreement:.2f}%"
+        codes = row.get("identical_codes", {})
         lines.append(
             f"{row['method']:<7} {row['bits']:<7} {100 * row['accuracy']:>8.2f}% "
-            f"{100 * row['tflite_accuracy']:>9.2f}% {agreement:>9} "
-            f"{row['size_kib']:>5.1f} KiB {row['train_seconds']:>9.1f}s"
+            f"{100 * row['tflite_accuracy']:>9.2f}% {percent(row.get('top1_agreement')):>9} "
+            + "".join(f"{percent(codes.get(t)):>12}" for t in targets)
+            + f" {row['size_kib']:>5.1f} KiB {row['train_seconds']:>9.1f}s"
         )
     lines.append("float row, TFLite column: standard full-integer post-training quantization.")
+    if targets:
+        lines.append(
+            "agreement: top-1 agreement with Keras, the lowest over "
+            + " and ".join(targets)
+            + "; codes: identical int8 output codes (LiteRT's default runtime on each CPU)."
+        )
     return "\n".join(lines)
 
 
@@ -137,6 +182,7 @@ def main(argv):
         _SEED.value,
         _OUTPUT_DIR.value,
         _METHODS.value,
+        _VERIFY_ARM64.value,
     )
     print("\n" + format_table(rows))
     from tfquant.lite import write_atomically
