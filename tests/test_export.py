@@ -144,8 +144,11 @@ def test_align_biases_puts_biases_on_the_int32_grid(trained, digits):
     for name, shift in again.items():
         assert shift <= 1e-3 * steps[name], (name, shift, steps[name])
     after = qmodel.predict(digits.x_test[:64], verbose=0)
-    # The logits' grid step is far coarser than any shift.
-    assert np.abs(after - before).max() <= 0.05 * np.abs(before).max()
+    # A shift of at most half a bias step flips a 4-bit code only where a value
+    # sat within that of a half step; each flip moves the logits it feeds by a
+    # fraction of their range, and seldom the prediction.
+    assert (after.argmax(axis=1) == before.argmax(axis=1)).mean() >= 63 / 64
+    assert np.abs(after - before).max() <= 0.1 * np.abs(before).max()
 
 
 @pytest.mark.parametrize("int4", [True, False], ids=["int4_weights", "int8_weights"])
