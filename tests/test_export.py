@@ -277,3 +277,37 @@ def test_binary_bad_input(tmp_path, trained, case):
         export_tflite.run(str(model_path), str(output), "digits", 64, "int8", 0.995, False, False)
     assert not output.exists()
     assert not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())
+
+
+def _pooled_model(input_shape, pooling):
+    inputs = keras.Input(input_shape)
+    x = L.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    x = pooling(x)
+    x = L.Conv2D(8, 2, activation="relu")(x)
+    x = L.Flatten()(x)
+    return keras.Model(inputs, L.Dense(10)(x))
+
+
+@pytest.mark.parametrize(
+    "pooling, kept",
+    [
+        (lambda: L.AveragePooling2D(2), False),
+        (lambda: L.AveragePooling2D(2, padding="same"), False),  # 8x8: windows tile it
+        (lambda: L.AveragePooling2D(3, strides=1, padding="valid"), False),
+        (lambda: L.AveragePooling2D(3, strides=2, padding="same"), True),  # edge windows padded
+    ],
+    ids=["2x2", "2x2_same_tiled", "3x3_stride1", "3x3_same_padded"],
+)
+def test_average_pooling_rounds_once(digits, pooling, kept):
+    """A window average is a convolution with weights 1/(h*w), rounded once onto
+    the next grid as in Keras; AVERAGE_POOL_2D would first round onto its input's
+    grid. Only windows that reach into SAME padding keep AVERAGE_POOL_2D."""
+    model = _pooled_model(digits.input_shape, pooling())
+    qmodel = tfquant.quantize_model(model, "lsq_w4a4", calibration_data=digits.x_train[:256])
+    result = lite.export_model(qmodel, digits.x_test, digits.y_test, allow_mismatch=True)
+    ops = [op["op_name"] for op in lite_inspect.ops(result.content)]
+    assert ("AVERAGE_POOL_2D" in ops) == kept, ops
+    if not kept:
+        verification = result.report["verification"]
+        assert verification["identical_output_codes"] >= 0.999, verification
+        assert verification["max_output_step_difference"] <= 1, verification

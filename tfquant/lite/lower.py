@@ -362,9 +362,7 @@ def _emit_plain(operation, args):
             x, operation.pool_size, operation.strides, operation.padding.upper()
         )
     if isinstance(operation, _L.AveragePooling2D):
-        return tf.nn.avg_pool2d(
-            x, operation.pool_size, operation.strides, operation.padding.upper()
-        )
+        return _average_pool(x, operation)
     if isinstance(operation, _L.GlobalAveragePooling2D):
         return _global_average(x, operation.keepdims)
     if isinstance(operation, _L.Flatten):
@@ -410,24 +408,54 @@ def _requantize_through_identity(x, offset):
 
 
 def _global_average(x, keepdims):
-    """Global average pooling as a depthwise convolution with weights 1/(H*W).
+    """Global average pooling as a depthwise convolution (see `_window_average`).
 
     TFLite's int8 MEAN requantizes its result inexactly (measured on
     LiteRT 2.3: up to 7 output steps away from the exact mean, with the
-    reference kernels too), while a convolution sums in int32 and rounds
-    once: the weight 1/(H*W) is the int8 code 127 at scale 1/(127*H*W).
+    reference kernels too).
     """
     height, width, channels = (int(d) for d in x.shape[1:])
-    weight = 1.0 / (height * width)
+    y = _window_average(x, (height, width), (1, 1))
+    return y if keepdims else tf.reshape(y, (-1, channels))
+
+
+def _average_pool(x, layer):
+    """AveragePooling2D as a depthwise convolution where no window reaches
+    into padding (VALID, or SAME on a size the windows tile).
+
+    TFLite's int8 AVERAGE_POOL_2D keeps its input's scale, so it rounds the
+    mean onto the input grid before the next quantizer rounds again; the
+    convolution rounds once, onto the next grid, as the Keras model does.
+    A window that reaches into SAME padding averages fewer values, which one
+    convolution weight cannot express: such a layer keeps AVERAGE_POOL_2D.
+    """
+    if layer.data_format != "channels_last":
+        raise ExportError(f"layer {layer.name!r}: only channels_last pooling is supported")
+    pool, strides = tuple(layer.pool_size), tuple(layer.strides)
+    padded = layer.padding.lower() == "same" and any(
+        (-(-int(size) // stride) - 1) * stride + window > int(size)
+        for size, window, stride in zip(x.shape[1:3], pool, strides, strict=True)
+    )
+    if padded:
+        return tf.nn.avg_pool2d(x, pool, strides, "SAME")
+    return _window_average(x, pool, strides)
+
+
+def _window_average(x, window, strides):
+    """The mean over each window as a depthwise convolution with weights
+    1/(h*w): the int8 code 127 at scale 1/(127*h*w). The convolution sums in
+    int32 and requantizes once, onto its output's grid."""
+    channels = int(x.shape[-1])
+    count = int(window[0]) * int(window[1])
+    weight = 1.0 / count
     kernel = tf.quantization.fake_quant_with_min_max_vars(
-        tf.fill((height, width, channels, 1), weight),
+        tf.fill((*window, channels, 1), weight),
         -weight,
         weight,
         num_bits=8,
         narrow_range=True,
     )
-    y = tf.nn.depthwise_conv2d(x, kernel, (1, 1, 1, 1), "VALID")
-    return y if keepdims else tf.reshape(y, (-1, channels))
+    return tf.nn.depthwise_conv2d(x, kernel, (1, *strides, 1), "VALID")
 
 
 _GRID_KEEPING = (_L.MaxPooling2D, _L.Flatten, _L.Reshape, _L.ZeroPadding2D, *_PASS_THROUGH)
