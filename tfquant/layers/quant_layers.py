@@ -24,6 +24,7 @@ import numpy as np
 from keras import ops
 
 from tfquant import quantizers
+from tfquant.ops import requantize as requantize_ops
 
 _PACKAGE = "tfquant"
 
@@ -268,27 +269,21 @@ class QuantDense(_QuantizedKernelMixin, keras.layers.Dense):
 _SUPPORTED_ACTIVATIONS = ("linear", "relu", "relu6", "softmax")
 
 
-def _round_on_fine_grid(x, scale, offset, exponents):
-    """The first of a fixed-point kernel's two roundings, in real units.
-
-    `v = (x - offset) / scale` is the value in output steps. The kernel
-    rounds `v * 2^-e` to an integer, then shifts it right by `-e` bits,
-    rounding ties up (toward +inf, for negative values too: measured on
-    LiteRT's x86 kernels, where a tie-away-from-zero shift disagreed on 17% of
-    a signed layer's codes). This returns `v` rounded to the fine grid and
-    moved up by a quarter of a fine step, so that the quantizer's own
-    rounding, whatever its tie-breaking, lands where the kernel's second
-    rounding does; values not on a tie are at least one fine step from it and
-    do not cross it.
-    """
-    # Below 2^-16 of a step the second rounding almost never differs, and
-    # v * 2^16 stays an exact float32 integer for |v| <= 256.
-    fine = np.exp2(-np.clip(np.asarray(exponents, np.float64), -16.0, 0.0))
-    fine = ops.convert_to_tensor(fine if fine.size > 1 else fine.reshape(()), dtype=x.dtype)
-    v = (x - offset) / scale * fine
-    r = ops.floor(v + 0.5)
-    r = r + 0.25
-    return offset + scale * (r / fine)
+def _requantize(x, spec):
+    """`tfquant.ops.requantize.requantize` with a `set_requantization` spec."""
+    rule = (
+        {"scale": np.asarray(spec["scale"], np.float32)}
+        if spec["rounding"] == "float32"
+        else {"multiplier": spec["multiplier"], "exponent": spec["exponent"]}
+    )
+    return requantize_ops.requantize(
+        x,
+        np.asarray(spec["accumulator_scale"], np.float64),
+        spec["rounding"],
+        spec["output_scale"],
+        spec["offset"],
+        **rule,
+    )
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -303,8 +298,8 @@ class QuantActivation(keras.layers.Layer):
       activation: "relu", "relu6", "linear" or "softmax".
       quantizer: a quantizer name, config dict or `Quantizer` (unsigned
         by default after relu/relu6/softmax, signed after linear).
-      requantization: None, or how an integer kernel that rounds twice
-        produces this tensor (see `set_requantization`); the exporter sets it.
+      requantization: None, or how the integer kernel that produces this
+        tensor rounds (see `set_requantization`); the exporter sets it.
     """
 
     def __init__(self, activation="relu", quantizer="minmax", requantization=None, **kwargs):
@@ -325,39 +320,62 @@ class QuantActivation(keras.layers.Layer):
         self.set_requantization(requantization)
 
     def set_requantization(self, requantization):
-        """Makes inference round the way TFLite's fixed-point kernels do.
+        """Makes inference round exactly as the integer kernel that computes this tensor.
 
-        TFLite's builtin integer kernels requantize an int32 accumulator with
-        a multiplier `m * 2^e` (m in [0.5, 1)): they round `acc * m` to an
-        integer, then shift right by `-e` bits, rounding again (ties up).
-        That is rounding to the grid of `2^e` steps first, then to whole
-        steps; a value just below a half step can end one step up. With this set, the
-        inference forward pass rounds the same way before the quantizer
-        rounds, so the Keras model and the file agree code for code. Training
-        is unaffected. The exporter sets it for tensors computed by kernels
-        that round twice (INT4 weights) and clears it elsewhere; it holds the
-        quantizer's step at export time, so export again after more training.
+        In the integer file, the layer that produces this tensor (a
+        convolution or fully connected layer, BatchNorm folded) computes an
+        int32 accumulator per output channel and requantizes it onto this
+        quantizer's grid. Float inference gets the same codes except where a
+        value sits within float round-off of a half step, or where the
+        kernel's fixed-point multiplier rounds differently
+        (`tfquant.ops.requantize` has the rules of each kernel). With this
+        set, inference recovers the accumulator from the float value and
+        applies the kernel's own rule before the quantizer, so the Keras model
+        and the file agree code for code. Training is unaffected. The
+        exporter sets it from the converted file's scales
+        (`tfquant.lite.match_integer_kernels`) and clears it where no integer
+        kernel produces the tensor; it holds the scales at export time, so
+        export again after more training.
 
         Args:
-          requantization: None (round once), or a dict with `scale` and
-            `offset` (the quantizer's step and offset) and `exponents` (the
-            exponent e of each output channel's multiplier, or one for all).
+          requantization: None, or a dict with `rounding` (one of
+            `tfquant.ops.requantize.ROUNDINGS`), `accumulator_scale` (input
+            step x weight step, per channel or one), `output_scale`,
+            `offset`, and the rule's constants: `scale` for "float32",
+            `multiplier` and `exponent` for "single" and "double" (per
+            channel or one). A dict of the earlier form (`exponents`) is
+            dropped: inference rounds once until the next export.
         """
-        if requantization is None:
+        if requantization is None or "exponents" in requantization:
             self.requantization = None
             return
         try:
-            scale = float(requantization["scale"])
-            offset = float(requantization.get("offset", 0.0))
-            exponents = [int(e) for e in np.ravel(requantization["exponents"])]
+            spec = {
+                "rounding": str(requantization["rounding"]),
+                "accumulator_scale": [
+                    float(v) for v in np.ravel(requantization["accumulator_scale"])
+                ],
+                "output_scale": float(requantization["output_scale"]),
+                "offset": float(requantization.get("offset", 0.0)),
+            }
+            if spec["rounding"] == "float32":
+                spec["scale"] = [float(v) for v in np.ravel(requantization["scale"])]
+            else:
+                spec["multiplier"] = [int(v) for v in np.ravel(requantization["multiplier"])]
+                spec["exponent"] = [int(v) for v in np.ravel(requantization["exponent"])]
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(
-                "requantization must be a dict with scale, offset and exponents, "
-                f"got {requantization!r} ({error})"
+                "requantization must be a dict with rounding, accumulator_scale, output_scale, "
+                f"offset and the rule's constants, got {requantization!r} ({error})"
             ) from None
-        if not np.isfinite(scale) or scale <= 0 or not np.isfinite(offset) or not exponents:
+        numbers = spec["accumulator_scale"] + [spec["output_scale"]] + spec.get("scale", [])
+        if (
+            spec["rounding"] not in requantize_ops.ROUNDINGS
+            or not all(np.isfinite(v) and v > 0 for v in numbers)
+            or not np.isfinite(spec["offset"])
+        ):
             raise ValueError(f"invalid requantization {requantization!r}")
-        self.requantization = {"scale": scale, "offset": offset, "exponents": exponents}
+        self.requantization = spec
 
     def build(self, input_shape):
         if not self.quantizer.built:
@@ -368,7 +386,7 @@ class QuantActivation(keras.layers.Layer):
         if not self._skip_activation:
             inputs = self.activation(inputs)
         if self.requantization is not None and not training:
-            inputs = _round_on_fine_grid(inputs, **self.requantization)
+            inputs = _requantize(inputs, self.requantization)
         return self.quantizer(inputs, training=training)
 
     def compute_output_shape(self, input_shape):

@@ -18,8 +18,8 @@ from tfquant.lite.lower import (
     align_biases,
     align_levels,
     lower_model,
-    match_integer_kernels,
 )
+from tfquant.lite.rounding import match_integer_kernels
 
 __all__ = [
     "TARGETS",

@@ -20,8 +20,8 @@ from tfquant.lite.lower import (
     align_biases,
     align_levels,
     lower_model,
-    match_integer_kernels,
 )
+from tfquant.lite.rounding import match_integer_kernels
 
 
 @dataclasses.dataclass
@@ -102,9 +102,10 @@ def export_model(
         CPU's kernels (it matters only for INT4 convolutions).
       align: first move the model's biases onto TFLite's int32 bias grid, in
         place (`tfquant.lite.align_biases`: at most half a bias step per
-        channel), and make its inference round like the file's integer
-        kernels (`tfquant.lite.match_integer_kernels`), so the Keras model
-        computes what the file computes; each layer's largest bias shift is in
+        channel), and, after conversion, make its inference round exactly as
+        the file's integer kernels on `target`
+        (`tfquant.lite.match_integer_kernels`), so the Keras model computes
+        what the file computes; each layer's largest bias shift is in
         the report as `bias_shift_max`. Learned non-uniform weight levels (DQ)
         are first rounded onto their int8 codes (`tfquant.lite.align_levels`,
         at most half an int8 step, reported as `level_shift_max` in int8 steps).
@@ -155,10 +156,10 @@ def export_model(
             )
         level_shifts = align_levels(model) if align else {}
         shifts = align_biases(model) if align else {}
-        if align:
-            match_integer_kernels(model, int4_weights, target)
         lowered = lower_model(model, int4_weights=int4_weights)
         content = convert_lowered(lowered, output_type)
+        if align:
+            match_integer_kernels(model, content, target)
         for layer in lowered.layers:
             if layer.name in shifts:
                 layer.bias_shift_max = shifts[layer.name]

@@ -247,43 +247,14 @@ def align_levels(model: keras.Model) -> dict[str, float]:
 TARGETS = ("arm64", "x86")
 
 
-def match_integer_kernels(
-    model: keras.Model, int4_weights: bool = True, target: str = "arm64"
-) -> dict[str, list[int]]:
-    """Makes the Keras model's inference round like the integer file's kernels on `target`.
-
-    INT8-weight layers run in XNNPACK (LiteRT's default delegate), which
-    requantizes in float32 and rounds once, identically on every CPU. INT4
-    convolutions run in TFLite's builtin kernels, whose rounding depends on
-    the CPU: on arm64 (Android phones) they round once, like XNNPACK; on
-    x86 they round twice (a rounding doubling multiply, then a rounding
-    shift). For `target="x86"` this sets `QuantActivation.set_requantization`
-    on every activation quantizer fed by an INT4 Conv2D or DepthwiseConv2D
-    (and by an INT4 Dense with an odd number of inputs, which XNNPACK does
-    not take); everywhere else, and for `target="arm64"`, it clears it. Call
-    it after `align_biases`. `export_model` calls both.
-
-    Returns:
-      The multiplier exponents per activation quantizer it set.
-
-    Raises:
-      ValueError: `target` is not one of `TARGETS`.
-    """
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+def kernel_activation_pairs(model: keras.Model) -> list[tuple]:
+    """(kernel layer, QuantActivation) for each activation quantizer whose
+    tensor one quantized Conv2D / DepthwiseConv2D / Dense computes (through a
+    folded BatchNormalization): in the file, that kernel requantizes its
+    accumulator straight onto the quantizer's grid."""
     _, order, consumers = _prepare(model)
-    plan = _plan(order, consumers, int4_weights, target)
-    chosen = {}
-    for operation, _ in order:
-        if isinstance(operation, QuantActivation):
-            entry = plan.requantizations.get(id(operation))
-            operation.set_requantization(entry[1] if entry else None)
-            if entry:
-                chosen[operation.name] = entry[1]["exponents"]
-    # Traced predict functions hold the previous constants.
-    if getattr(model, "predict_function", None) is not None:
-        model.predict_function = None
-    return chosen
+    plan = _plan(order, consumers, True)
+    return list(plan.kernel_for_activation.values())
 
 
 class _Plan:
@@ -296,10 +267,9 @@ class _Plan:
         self.reports: list[LayerReport] = []
         self.activation_forms: dict[int, InferenceForm] = {}
         self.int4_weights = True
-        self.target = "arm64"
         self.after_quantizer: set[int] = set()
         self.bias_shifts: dict[int, tuple] = {}
-        self.requantizations: dict[int, tuple] = {}
+        self.kernel_for_activation: dict[int, tuple] = {}
 
     def emit(self, operation, args):
         key = id(operation)
@@ -477,10 +447,9 @@ _LOWERABLE = (
 )
 
 
-def _plan(order, consumers, int4_weights: bool, target: str = "arm64") -> _Plan:
+def _plan(order, consumers, int4_weights: bool) -> _Plan:
     plan = _Plan()
     plan.int4_weights = int4_weights
-    plan.target = target
     for operation, node in order:
         if not isinstance(operation, _LOWERABLE):
             raise ExportError(
@@ -602,6 +571,7 @@ def _plan_kernel(plan: _Plan, layer, node, consumers):
         last = follower
     follower = _sole_consumer(last, consumers)
     if isinstance(follower, QuantActivation):
+        plan.kernel_for_activation[id(follower)] = (layer, follower)
         offset = plan.activation_forms[id(follower)].offset
         if offset:
             bias = bias - offset
@@ -641,32 +611,8 @@ def _plan_kernel(plan: _Plan, layer, node, consumers):
         shift = np.round(bias / grid) * grid - bias
         report.bias_step = float(grid.max())
         plan.bias_shifts[id(layer)] = (layer, batch_norm, shift)
-        if isinstance(follower, QuantActivation) and _rounds_twice(layer, q_max, plan.target):
-            # INT4 convolutions run outside XNNPACK, in TFLite's builtin
-            # kernels, which on x86 requantize with a rounding doubling multiply
-            # and a rounding shift: two roundings (see QuantActivation.set_requantization).
-            form = plan.activation_forms[id(follower)]
-            multiplier = grid / float(form.scale)
-            plan.requantizations[id(follower)] = (
-                follower,
-                {
-                    "scale": float(form.scale),
-                    "offset": float(form.offset),
-                    "exponents": [int(e) for e in np.frexp(multiplier)[1]],
-                },
-            )
     plan.kernels[id(layer)] = (make_kernel, bias.astype(np.float32), input_form)
     plan.reports.append(report)
-
-
-def _rounds_twice(layer, q_max: int, target: str) -> bool:
-    """Whether the kernel that runs `layer` (with the default runtime) rounds
-    its requantization twice: TFLite's builtin x86 kernels, which run INT4
-    convolutions and INT4 FULLY_CONNECTED with an odd input depth (XNNPACK
-    takes the others)."""
-    if target != "x86" or q_max != 7:
-        return False
-    return not isinstance(layer, QuantDense) or int(layer.kernel.shape[0]) % 2 == 1
 
 
 def level_scales(levels: np.ndarray, layer) -> np.ndarray:

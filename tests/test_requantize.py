@@ -1,0 +1,67 @@
+"""tfquant.ops.requantize against integer references written out in Python."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfquant.ops import requantize as R
+
+
+def _single(acc, m, e):
+    return np.array([(int(a) * m + (1 << (30 - e))) >> (31 - e) for a in acc])
+
+
+def _double(acc, m, e):
+    left, right = max(e, 0), max(-e, 0)
+    high = [((int(a) << left) * m + (1 << 30)) >> 31 for a in acc]
+    return np.array([(h + ((1 << (right - 1)) if right else 0)) >> right for h in high])
+
+
+@pytest.mark.parametrize("real", [0.0123, 0.7431 / 8, 1.7, 3e-5])
+def test_fixed_point_rules_match_python_integers(real):
+    acc = np.random.default_rng(0).integers(-200_000, 200_000, size=5000)
+    (m,), (e,) = R.quantize_multiplier(np.array([real]))
+    assert m * 2.0 ** (e - 31) == pytest.approx(real, rel=1e-9)
+    single = R.apply_rounding(tf.constant(acc), "single", multiplier=[m], exponent=[e])
+    double = R.apply_rounding(tf.constant(acc), "double", multiplier=[m], exponent=[e])
+    np.testing.assert_array_equal(single.numpy(), _single(acc, int(m), int(e)))
+    np.testing.assert_array_equal(double.numpy(), _double(acc, int(m), int(e)))
+
+
+def test_double_rounding_differs_from_single_on_some_values():
+    acc = np.arange(-5000, 5000)
+    (m,), (e,) = R.quantize_multiplier(np.array([0.0928875]))
+    single = R.apply_rounding(tf.constant(acc), "single", multiplier=[m], exponent=[e])
+    double = R.apply_rounding(tf.constant(acc), "double", multiplier=[m], exponent=[e])
+    differ = single.numpy() != double.numpy()
+    assert differ.any() and differ.mean() < 0.1
+    assert np.abs(single.numpy() - double.numpy()).max() == 1
+
+
+def test_quantize_multiplier_rounds_halves_away_from_zero():
+    # 0.5 + 2^-32 has fraction 0.5 + 2^-32 -> M = 2^30 + 0.5 -> 2^30 + 1.
+    (m,), (e,) = R.quantize_multiplier(np.array([0.5 + 2.0**-32]))
+    assert (m, e) == ((1 << 30) + 1, 0)
+    (m,), (e,) = R.quantize_multiplier(np.array([1.0 - 2.0**-33]))  # rounds up to 2^31
+    assert (m, e) == (1 << 30, 1)
+
+
+def test_float32_rule_rounds_half_to_even_after_a_float32_product():
+    scale = R.float32_scale(0.5, np.array([0.25]), 0.125)
+    assert scale.dtype == np.float32 and scale[0] == 1.0
+    steps = R.apply_rounding(tf.constant([1, 2, 3, -1, -3], tf.int64), "float32", scale=scale * 2.5)
+    np.testing.assert_array_equal(steps.numpy(), [2, 5, 8, -2, -8])  # 2.5 -> 2, 7.5 -> 8
+
+
+def test_requantize_recovers_the_accumulator_from_float_values():
+    rng = np.random.default_rng(1)
+    acc = rng.integers(-30_000, 30_000, size=(64, 3))
+    unit = np.array([0.0013, 0.0021, 0.00077])
+    offset = 0.3
+    x = tf.constant((acc * unit + offset).astype(np.float32))
+    (m,), (e,) = R.quantize_multiplier(np.array([0.013]))
+    out = R.requantize(x, unit, "single", 0.1, offset, multiplier=[m], exponent=[e]).numpy()
+    expected = _single(acc.ravel(), int(m), int(e)).reshape(acc.shape)
+    np.testing.assert_array_equal(np.round((out - offset) / 0.1), expected)
+    with pytest.raises(ValueError, match="'nearest'"):
+        R.apply_rounding(tf.constant([1], tf.int64), "nearest")

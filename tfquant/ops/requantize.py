@@ -1,0 +1,103 @@
+"""Integer requantization exactly as LiteRT's int8 kernels compute it.
+
+An integer convolution (or fully connected layer) produces an int32
+accumulator `acc` per output channel; the kernel then maps it to the output's
+int8 grid. How it rounds depends on the kernel that runs:
+
+* "float32" (XNNPACK, LiteRT's default delegate, on every CPU): the scale
+  `s = s_in * s_w[c] / s_out` in float32, `round_half_even(float32(acc) * s)`.
+* "single" (TFLite's builtin kernels through ruy on arm64): a 31-bit
+  multiplier `M * 2^e` (`quantize_multiplier`), one rounding, ties up:
+  `(acc * M + 2^(30 - e)) >> (31 - e)`.
+* "double" (builtin kernels on x86, and depthwise convolutions on arm64):
+  a rounding doubling high multiply, `(acc * 2^max(e, 0) * M + 2^30) >> 31`,
+  then a rounding right shift by `max(-e, 0)`, ties up in both.
+
+`requantize` recovers `acc` from the float value a Keras model computes
+(exact while the float error stays below half an accumulator unit, which
+float64 gives for any realistic layer), and applies the rule.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+ROUNDINGS = ("float32", "single", "double")
+
+
+def quantize_multiplier(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """TFLite's `QuantizeMultiplier`, per element: `real = M * 2^(e - 31)` with
+    `M = round(fraction * 2^31)` (ties away from zero, as std::round) a 31-bit integer."""
+    fraction, exponent = np.frexp(np.asarray(real, np.float64))
+    multiplier = (np.sign(fraction) * np.floor(np.abs(fraction) * 2.0**31 + 0.5)).astype(np.int64)
+    overflow = multiplier == 2**31
+    multiplier = np.where(overflow, multiplier // 2, multiplier)
+    exponent = np.where(overflow, exponent + 1, exponent).astype(np.int64)
+    tiny = exponent < -31
+    return np.where(tiny, 0, multiplier), np.where(tiny, 0, exponent)
+
+
+def float32_scale(input_scale: float, weight_scales: np.ndarray, output_scale: float) -> np.ndarray:
+    """XNNPACK's requantization scale: (s_in * s_w) / s_out, each step in float32."""
+    product = np.float32(input_scale) * np.asarray(weight_scales, np.float32)
+    return (product / np.float32(output_scale)).astype(np.float32)
+
+
+def fixed_point_multiplier(
+    input_scale: float, weight_scales: np.ndarray, output_scale: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """TFLite's per-channel (M, e): s_in * s_w / s_out in double, then `quantize_multiplier`."""
+    real = (
+        np.float64(np.float32(input_scale))
+        * np.asarray(weight_scales, np.float32).astype(np.float64)
+        / np.float64(np.float32(output_scale))
+    )
+    return quantize_multiplier(real)
+
+
+def apply_rounding(acc, rounding: str, scale=None, multiplier=None, exponent=None):
+    """The output step count (before the zero point) for int64 accumulators `acc`.
+
+    Args:
+      acc: int64 tensor, channels last.
+      rounding: one of `ROUNDINGS`.
+      scale: float32 per channel (or scalar), for "float32".
+      multiplier, exponent: int64 per channel, for "single" and "double".
+    """
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if rounding == "float32":
+        product = tf.cast(acc, tf.float32) * tf.constant(scale, tf.float32)
+        return tf.cast(tf.round(product), tf.int64)  # tf.round: ties to even
+    multiplier = tf.constant(np.asarray(multiplier, np.int64))
+    exponent = np.asarray(exponent, np.int64)
+    if rounding == "single":
+        shift = 31 - exponent
+        nudge = tf.constant(np.left_shift(np.int64(1), shift - 1))
+        return tf.bitwise.right_shift(acc * multiplier + nudge, tf.constant(shift))
+    # "double": a rounding doubling high multiply, then a rounding shift.
+    left, right = np.maximum(exponent, 0), np.maximum(-exponent, 0)
+    high = tf.bitwise.right_shift(
+        tf.bitwise.left_shift(acc, tf.constant(left)) * multiplier + (1 << 30), 31
+    )
+    half = np.where(right > 0, np.left_shift(np.int64(1), np.maximum(right - 1, 0)), 0)
+    return tf.bitwise.right_shift(high + tf.constant(half), tf.constant(right))
+
+
+def requantize(
+    x, accumulator_scale, rounding: str, output_scale: float, offset: float = 0.0, **rule
+):
+    """Rounds float values `x` as the integer kernel rounds their accumulators.
+
+    `(x - offset) / accumulator_scale` is the kernel's int32 accumulator
+    (bias included; `accumulator_scale` = s_in * s_w per channel); it is
+    rounded to that integer in float64 and requantized by `apply_rounding`.
+    Returns `offset + output_scale * steps` in `x`'s dtype: on the output
+    grid, where the quantizer that follows keeps it.
+    """
+    dtype = x.dtype
+    units = (tf.cast(x, tf.float64) - offset) / tf.constant(accumulator_scale, tf.float64)
+    acc = tf.cast(tf.round(units), tf.int64)
+    steps = apply_rounding(acc, rounding, **rule)
+    return tf.cast(tf.cast(steps, tf.float64) * output_scale + offset, dtype)
