@@ -170,3 +170,30 @@ def test_mirrored_strategy_matches_one_device(cpu_devices, cpu_mirrored):
     np.testing.assert_allclose(single, mirrored, atol=1e-5)
     for a, b in zip(single_weights, mirrored_weights, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_quant_add_quantizes_the_sum_and_reloads_with_its_integer_add(tmp_path):
+    from tfquant.layers import QuantAdd
+    from tfquant.ops import requantize as requantize_ops
+
+    inputs = [keras.Input((6,)), keras.Input((6,))]
+    add = QuantAdd(quantizer={"class_name": "minmax", "config": {"bits": 8}}, name="sum")
+    model = keras.Model(inputs, add(inputs))
+    a = (np.random.default_rng(0).integers(-100, 100, (32, 6)) * 0.02).astype(np.float32)
+    b = (np.random.default_rng(1).integers(-100, 100, (32, 6)) * 0.03).astype(np.float32)
+    add.quantizer.initialize(a + b)
+    step = float(add.quantizer.inference_form().scale)
+    plain = model.predict([a, b], verbose=0)
+    np.testing.assert_allclose(plain, add.quantizer(a + b, training=False), atol=1e-6)
+    multipliers, shift = requantize_ops.add_multipliers([0.02, 0.03], step)
+    spec = {"input_scales": [0.02, 0.03], "multipliers": multipliers, "shift": shift}
+    add.set_requantization({**spec, "output_scale": step})
+    exact = keras.Model(inputs, add(inputs)).predict([a, b], verbose=0)
+    expected = requantize_ops.add([a, b], [0.02, 0.03], multipliers, shift, step).numpy()
+    np.testing.assert_allclose(exact, add.quantizer(expected, training=False), atol=1e-6)
+    path = tmp_path / "add.keras"
+    model.save(path)
+    restored = keras.models.load_model(path).get_layer("sum")
+    assert restored.requantization == add.requantization
+    with pytest.raises(ValueError, match="invalid requantization"):
+        add.set_requantization({**spec, "output_scale": step, "shift": 40})

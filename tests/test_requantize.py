@@ -65,3 +65,29 @@ def test_requantize_recovers_the_accumulator_from_float_values():
     np.testing.assert_array_equal(np.round((out - offset) / 0.1), expected)
     with pytest.raises(ValueError, match="'nearest'"):
         R.apply_rounding(tf.constant([1], tf.int64), "nearest")
+
+
+def test_add_constants_follow_the_largest_ratio():
+    multipliers, shift = R.add_multipliers([0.02, 0.01], 0.03)
+    ratio = np.float32(0.02) / np.float32(0.03)  # in [0.5, 1): floor(log2) = -1
+    assert shift == 21
+    assert multipliers == [int(np.rint(ratio * np.float32(2**21))), 699051]
+    assert R.add_multipliers([1.0, 1.0], 1e-3) is None  # ratio 1000 > 256: not XNNPACK's
+    assert R.add_multipliers([1.0, 1e-4], 1.0) is None  # ratio below 2^-10
+
+
+def test_integer_add_matches_python_integers():
+    rng = np.random.default_rng(2)
+    scales = [0.0173, 0.0411]
+    codes = [rng.integers(-128, 128, size=4000), rng.integers(-128, 128, size=4000)]
+    multipliers, shift = R.add_multipliers(scales, 0.05)
+    values = [tf.constant((c * s).astype(np.float32)) for c, s in zip(codes, scales, strict=True)]
+    out = R.add(values, scales, multipliers, shift, 0.05).numpy()
+    expected = [
+        (int(a) * multipliers[0] + int(b) * multipliers[1] + (1 << (shift - 1))) >> shift
+        for a, b in zip(*codes, strict=True)
+    ]
+    np.testing.assert_array_equal(np.round(out / 0.05), expected)
+    # The float sum rounded to the output grid differs somewhere: the test can fail.
+    float_sum = np.round((codes[0] * scales[0] + codes[1] * scales[1]) / 0.05)
+    assert (float_sum != np.asarray(expected)).any()

@@ -20,7 +20,13 @@ import numpy as np
 import tensorflow as tf
 
 from tfquant import graph, quantizers
-from tfquant.layers import QuantActivation, QuantConv2D, QuantDense, QuantDepthwiseConv2D
+from tfquant.layers import (
+    QuantActivation,
+    QuantAdd,
+    QuantConv2D,
+    QuantDense,
+    QuantDepthwiseConv2D,
+)
 from tfquant.schemes import Scheme
 
 _L = keras.layers
@@ -43,7 +49,7 @@ _SUPPORTED = (
     _L.GlobalAveragePooling2D,
     _L.Add,
 ) + _GRID_PRESERVING
-_QUANT_LAYERS = (QuantConv2D, QuantDepthwiseConv2D, QuantDense, QuantActivation)
+_QUANT_LAYERS = (QuantConv2D, QuantDepthwiseConv2D, QuantDense, QuantActivation, QuantAdd)
 
 
 def quantize_model(
@@ -192,6 +198,8 @@ class _Builder:
         self.inline_activation: dict[int, str] = {}
         self.on_grid: set[int] = set()
         self.activation_quantizers: list[tuple[quantizers.Quantizer, Any]] = []
+        # QuantAdd layers, whose quantizer calibrates on the sum of their inputs.
+        self.sums: set[int] = set()
 
     # -- quantizer factories
     def _quantizer(self, spec, bits, signed, for_weights=False, first_last=False):
@@ -244,6 +252,8 @@ class _Builder:
             )
             new = quant_class.from_config(config)
             self.inline_activation[id(new)] = _name_of(layer.activation)
+        elif type(layer) is _L.Add:
+            new = QuantAdd(quantizer=self._requantizer(), **layer.get_config())
         elif _activation_name(layer) == "relu":
             quantizer = self._quantizer(
                 scheme.activations, scheme.resolved_activation_bits, signed=False
@@ -279,16 +289,16 @@ class _Builder:
             return out
         if isinstance(layer, QuantActivation):
             return self._call_activation(layer, args[0])
-        if isinstance(layer, _L.Add):
+        if isinstance(layer, QuantAdd):
             inputs = [t if id(t) in self.on_grid else self._requantize(t) for t in args[0]]
+            # The sum always gets its own 8-bit grid (QuantAdd's quantizer),
+            # also before a ReLU's quantizer: it gives an offset (QIL's c - d)
+            # somewhere to go (an Add has no bias), and the integer ADD's
+            # rounding, which the exporter makes QuantAdd emulate, lands on a
+            # fine grid rather than straight on a coarse k-bit one.
             out = layer(inputs, **kwargs)
-            # The sum always gets its own 8-bit grid, also before a ReLU's
-            # quantizer: an integer ADD rescales its inputs with fixed-point
-            # multipliers and rounds inexactly, which would move codes of a
-            # coarse k-bit grid; on a fine 8-bit grid the rare one-step
-            # error seldom changes the k-bit code after it. It also gives
-            # an offset (QIL's c - d) somewhere to go: an Add has no bias.
-            out = self._requantize(out)
+            self.sums.add(id(layer))
+            self.on_grid.add(id(out))
             return out
         out = layer(*args, **kwargs)
         if isinstance(layer, _GRID_PRESERVING) and args and id(args[0]) in self.on_grid:
@@ -336,6 +346,8 @@ class _Builder:
             args, kwargs = node.arguments.fill_in(values)
             if getattr(operation, "_call_has_training_arg", False):
                 kwargs["training"] = False
+            if id(operation) in self.sums:
+                operation.quantizer.initialize(np.asarray(tf.add_n(list(args[0]))))
             outputs = operation(*args, **kwargs)
             for tensor in node.input_tensors:
                 uses[id(tensor)] -= 1

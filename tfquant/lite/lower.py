@@ -33,11 +33,19 @@ import numpy as np
 import tensorflow as tf
 
 from tfquant import graph
-from tfquant.layers import QuantActivation, QuantConv2D, QuantDense, QuantDepthwiseConv2D
+from tfquant.layers import (
+    QuantActivation,
+    QuantAdd,
+    QuantConv2D,
+    QuantDense,
+    QuantDepthwiseConv2D,
+)
 from tfquant.quantizers import InferenceForm
 
 _L = keras.layers
 _KERNEL_LAYERS = (QuantConv2D, QuantDepthwiseConv2D, QuantDense)
+# Layers whose output is a quantizer's grid.
+_QUANTIZING = (QuantActivation, QuantAdd)
 _PASS_THROUGH = (_L.Dropout,)
 
 
@@ -247,14 +255,20 @@ def align_levels(model: keras.Model) -> dict[str, float]:
 TARGETS = ("arm64", "x86")
 
 
-def kernel_activation_pairs(model: keras.Model) -> list[tuple]:
-    """(kernel layer, QuantActivation) for each activation quantizer whose
-    tensor one quantized Conv2D / DepthwiseConv2D / Dense computes (through a
-    folded BatchNormalization): in the file, that kernel requantizes its
-    accumulator straight onto the quantizer's grid."""
+def integer_producers(model: keras.Model) -> list[tuple]:
+    """(quantizing layer, the name its producing op's tensors carry in the file)
+    for each QuantActivation that an integer op requantizes straight onto its
+    grid: a quantized Conv2D / DepthwiseConv2D / Dense (through a folded
+    BatchNormalization; the kernel layer's name), or the identity convolution
+    between two quantizers in a row (the activation's own name); and for each
+    QuantAdd (its own name)."""
     _, order, consumers = _prepare(model)
     plan = _plan(order, consumers, True)
-    return list(plan.kernel_for_activation.values())
+    found = [(activation, layer.name) for layer, activation in plan.kernel_for_activation.values()]
+    for operation, _ in order:
+        if id(operation) in plan.after_quantizer or isinstance(operation, QuantAdd):
+            found.append((operation, operation.name))
+    return found
 
 
 class _Plan:
@@ -279,6 +293,12 @@ class _Plan:
             return self._emit_kernel(operation, args[0])
         if isinstance(operation, QuantActivation):
             return self._emit_activation(operation, args[0])
+        if isinstance(operation, QuantAdd):
+            form = self.activation_forms[id(operation)]
+            y = _emit_plain(operation, args)
+            if form.offset:
+                y = y - form.offset
+            return _fake_quant_activation(y, form, f"layer {operation.name!r}")
         return _emit_plain(operation, args)
 
     def _emit_kernel(self, layer, x):
@@ -464,16 +484,17 @@ def _plan(order, consumers, int4_weights: bool) -> _Plan:
                 f"cannot lower activation layer {operation.name!r} "
                 f"({operation.activation.__name__})"
             )
-        if isinstance(operation, QuantActivation):
+        if isinstance(operation, _QUANTIZING):
             form = operation.quantizer.inference_form()
             activation_range(form, f"layer {operation.name!r}")
             plan.activation_forms[id(operation)] = form
-            if isinstance(graph.producer(node.input_tensors[0]), QuantActivation):
+            producer = graph.producer(node.input_tensors[0])
+            if isinstance(operation, QuantActivation) and isinstance(producer, _QUANTIZING):
                 plan.after_quantizer.add(id(operation))
             plan.reports.append(
                 LayerReport(
                     name=operation.name,
-                    kind="QuantActivation",
+                    kind=type(operation).__name__,
                     activation_bits=form.bits,
                     activation_scale=float(form.scale),
                     activation_zero_point=int8_zero_point(form),
@@ -497,7 +518,7 @@ def _input_scale(plan: _Plan, node) -> float | None:
     tensor = node.input_tensors[0]
     while True:
         operation = graph.producer(tensor)
-        if isinstance(operation, QuantActivation):
+        if isinstance(operation, _QUANTIZING):
             return float(plan.activation_forms[id(operation)].scale)
         if not isinstance(operation, _GRID_KEEPING):
             return None

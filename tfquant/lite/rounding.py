@@ -11,6 +11,8 @@ runtime on the target CPU (`tfquant.ops.requantize`):
 * INT4 CONV_2D (and FULLY_CONNECTED with an odd input depth): TFLite's
   builtin kernels through ruy: one rounding on arm64, two on x86.
 * INT4 DEPTHWISE_CONV_2D: builtin kernels, two roundings on both CPUs.
+
+Each `QuantAdd` gets the constants of XNNPACK's integer ADD.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from tfquant.layers import QuantActivation
+from tfquant.layers import QuantActivation, QuantAdd
 from tfquant.lite import inspect as lite_inspect
-from tfquant.lite.lower import TARGETS, ExportError, kernel_activation_pairs
+from tfquant.lite.lower import TARGETS, ExportError, integer_producers
 from tfquant.ops import requantize as requantize_ops
 
 _KERNEL_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
@@ -44,99 +46,116 @@ def _scopes(tensor_name: str) -> set[str]:
     return {part.split("/")[0] for part in tensor_name.split(";")}
 
 
-def _kernel_ops(content: bytes) -> list[dict]:
-    """Each CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED op of the file with
-    its scales, weight storage and output tensor name."""
+def _integer_ops(content: bytes) -> list[dict]:
+    """Each CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED / ADD op of the file
+    with its input scales, weight scales and storage, and output tensor."""
     interp = lite_inspect.interpreter(content)
     details = {d["index"]: d for d in interp.get_tensor_details()}
     storage = lite_inspect.storage_types(content)
     found = []
     for op in interp._get_ops_details():
-        if op["op_name"] not in _KERNEL_OPS:
+        if op["op_name"] not in (*_KERNEL_OPS, "ADD"):
             continue
-        source, weights = (details[int(i)] for i in op["inputs"][:2])
+        inputs = [details[int(i)] for i in op["inputs"] if int(i) >= 0]
         output = details[int(op["outputs"][0])]
-        found.append(
-            {
-                "op": op["op_name"],
-                "storage": storage.get(weights["index"], "INT8"),
-                "input_scale": float(source["quantization"][0]),
-                "input_depth": int(source["shape"][-1]),
-                "weight_scales": np.asarray(weights["quantization_parameters"]["scales"]),
-                "output_scale": float(output["quantization"][0]),
-                "output_name": output["name"],
-            }
-        )
+        entry = {
+            "op": op["op_name"],
+            "input_scales": [float(inputs[0]["quantization"][0])],
+            "output_scale": float(output["quantization"][0]),
+            "output_name": output["name"],
+        }
+        if op["op_name"] == "ADD":
+            entry["input_scales"].append(float(inputs[1]["quantization"][0]))
+        else:
+            weights = inputs[1]
+            entry["storage"] = storage.get(weights["index"], "INT8")
+            entry["input_depth"] = int(inputs[0]["shape"][-1])
+            entry["weight_scales"] = np.asarray(weights["quantization_parameters"]["scales"])
+        found.append(entry)
     return found
 
 
 def match_integer_kernels(
     model: keras.Model, content: bytes, target: str = "arm64"
 ) -> dict[str, str]:
-    """Sets each kernel-fed activation quantizer's exact requantization from `content`.
+    """Sets each quantizing layer's exact requantization from the file `content`.
 
-    Every `QuantActivation` of the model that one kernel layer computes gets
+    Every `QuantActivation` of the model that an integer convolution or fully
+    connected layer computes (`lower.integer_producers`) gets
     `set_requantization` with the file's scales and the rounding of the
-    kernel that runs it on `target` (see the module docstring); every other
-    one is cleared. Call it on the model the file was converted from, after
+    kernel that runs it on `target` (see the module docstring); every
+    `QuantAdd`, the constants of XNNPACK's integer ADD. Every other one is
+    cleared. Call it on the model the file was converted from, after
     conversion; `export_model` does.
 
     Returns:
-      The rounding rule set per activation layer name.
+      The rule set per layer name ("add" for a QuantAdd).
 
     Raises:
-      ExportError: the file has no op for a kernel layer, or its output grid
-        is not the quantizer's.
+      ExportError: `target` is unknown, or the file has no single op for a
+        layer, or its output grid is not the quantizer's.
     """
     if target not in TARGETS:
         raise ExportError(f"target must be one of {TARGETS}, got {target!r}")
-    ops = _kernel_ops(content)
-    pairs = {
-        id(activation): (layer, activation) for layer, activation in kernel_activation_pairs(model)
-    }
+    ops = _integer_ops(content)
+    producers = {id(layer): scope for layer, scope in integer_producers(model)}
     chosen = {}
-    for activation in _activations(model):
-        if id(activation) not in pairs:
-            activation.set_requantization(None)
+    for layer in model.layers:
+        if not isinstance(layer, (QuantActivation, QuantAdd)):
             continue
-        layer = pairs[id(activation)][0]
-        form = activation.quantizer.inference_form()
-        step = float(np.ravel(form.scale)[0])
-        candidates = [
-            op
-            for op in ops
-            if layer.name in _scopes(op["output_name"])
-            and np.isclose(op["output_scale"], step, rtol=1e-5)
-        ]
-        if len(candidates) != 1:
-            raise ExportError(
-                f"layer {layer.name!r}: expected one integer op computing {activation.name!r} "
-                f"in the file, found {len(candidates)}"
+        if id(layer) not in producers:
+            layer.set_requantization(None)
+            continue
+        form = layer.quantizer.inference_form()
+        op = _op_computing(ops, producers[id(layer)], float(np.ravel(form.scale)[0]), layer)
+        if isinstance(layer, QuantAdd):
+            constants = requantize_ops.add_multipliers(op["input_scales"], op["output_scale"])
+            if op["op"] != "ADD" or constants is None or form.offset:
+                layer.set_requantization(None)  # not XNNPACK's ADD: left to the float sum
+                continue
+            layer.set_requantization(
+                {
+                    "input_scales": op["input_scales"],
+                    "multipliers": constants[0],
+                    "shift": constants[1],
+                    "output_scale": op["output_scale"],
+                }
             )
-        op = candidates[0]
+            chosen[layer.name] = "add"
+            continue
         rounding = kernel_rounding(op["op"], op["storage"], op["input_depth"], target)
-        weight_scales = op["weight_scales"].astype(np.float64)
+        input_scale = op["input_scales"][0]
         spec = {
             "rounding": rounding,
-            "accumulator_scale": np.float64(op["input_scale"]) * weight_scales,
+            "accumulator_scale": np.float64(input_scale) * op["weight_scales"].astype(np.float64),
             "output_scale": op["output_scale"],
             "offset": float(form.offset),
         }
         if rounding == "float32":
             spec["scale"] = requantize_ops.float32_scale(
-                op["input_scale"], op["weight_scales"], op["output_scale"]
+                input_scale, op["weight_scales"], op["output_scale"]
             )
         else:
             spec["multiplier"], spec["exponent"] = requantize_ops.fixed_point_multiplier(
-                op["input_scale"], op["weight_scales"], op["output_scale"]
+                input_scale, op["weight_scales"], op["output_scale"]
             )
-        activation.set_requantization(spec)
-        chosen[activation.name] = rounding
+        layer.set_requantization(spec)
+        chosen[layer.name] = rounding
     # Traced predict functions hold the previous constants.
     if getattr(model, "predict_function", None) is not None:
         model.predict_function = None
     return chosen
 
 
-def _activations(model: keras.Model) -> list[QuantActivation]:
-    return [layer for layer in model.layers if isinstance(layer, QuantActivation)]
+def _op_computing(ops: list[dict], scope: str, step: float, layer) -> dict:
+    candidates = [
+        op
+        for op in ops
+        if scope in _scopes(op["output_name"]) and np.isclose(op["output_scale"], step, rtol=1e-5)
+    ]
+    if len(candidates) != 1:
+        raise ExportError(
+            f"layer {layer.name!r}: expected one integer op computing it in the file "
+            f"(tensors named after {scope!r}), found {len(candidates)}"
+        )
+    return candidates[0]

@@ -195,7 +195,7 @@ def compare_layers(keras_model, content: bytes, x: np.ndarray) -> list[dict]:
     """Each activation quantizer's codes in Keras against the file's tensor.
 
     Runs both models on `x` (keep it small: the interpreter holds every
-    intermediate tensor) and, for each `QuantActivation`, finds the int8
+    intermediate tensor) and, for each `QuantActivation` and `QuantAdd`, finds the int8
     tensor of the file on the same grid (by the layer's name, else by size and
     scale). Where codes first differ, and how the difference grows with depth,
     points at the layer to look at.
@@ -208,9 +208,11 @@ def compare_layers(keras_model, content: bytes, x: np.ndarray) -> list[dict]:
     import keras
     from ai_edge_litert.interpreter import Interpreter
 
-    from tfquant.layers import QuantActivation
+    from tfquant.layers import QuantActivation, QuantAdd
 
-    layers = [layer for layer in keras_model.layers if isinstance(layer, QuantActivation)]
+    layers = [
+        layer for layer in keras_model.layers if isinstance(layer, (QuantActivation, QuantAdd))
+    ]
     if not layers:
         return []
     probe = keras.Model(keras_model.inputs, [layer.output for layer in layers])

@@ -13,6 +13,9 @@ int8 grid. How it rounds depends on the kernel that runs:
   a rounding doubling high multiply, `(acc * 2^max(e, 0) * M + 2^30) >> 31`,
   then a rounding right shift by `max(-e, 0)`, ties up in both.
 
+An integer ADD (XNNPACK, on every CPU) rescales each input's codes with a
+21-bit multiplier and rounds once (`add_multipliers`, `add`).
+
 `requantize` recovers `acc` from the float value a Keras model computes
 (exact while the float error stays below half an accumulator unit, which
 float64 gives for any realistic layer), and applies the rule.
@@ -101,3 +104,32 @@ def requantize(
     acc = tf.cast(tf.round(units), tf.int64)
     steps = apply_rounding(acc, rounding, **rule)
     return tf.cast(tf.cast(steps, tf.float64) * output_scale + offset, dtype)
+
+
+def add_multipliers(input_scales, output_scale: float) -> tuple[list[int], int] | None:
+    """XNNPACK's int8 ADD constants: per input `M_i = lrintf((s_i / s_out) * 2^k)`
+    (float32 ratio, ties to even) and the shift `k = 20 - floor(log2(max ratio))`.
+    None where the delegate does not take the op (a ratio outside [2^-10, 2^8])
+    and TFLite's own kernel runs it instead."""
+    ratios = np.asarray(input_scales, np.float32) / np.float32(output_scale)
+    largest = float(np.abs(ratios).max())
+    if not (2.0**-10 <= largest and float(np.abs(ratios).min()) >= 2.0**-10 and largest < 256):
+        return None
+    shift = 20 - (int(np.frexp(np.float32(largest))[1]) - 1)
+    if not 12 <= shift <= 30:
+        return None
+    multipliers = np.rint(ratios * np.float32(2.0**shift)).astype(np.int64)
+    return [int(m) for m in multipliers], shift
+
+
+def add(inputs, input_scales, multipliers, shift: int, output_scale: float):
+    """Sums tensors on grids `input_scales` as XNNPACK's int8 ADD does:
+    `(sum_i code_i * M_i + 2^(k-1)) >> k` output steps (ties up), returned as
+    values on the output grid in the inputs' dtype."""
+    dtype = inputs[0].dtype
+    total = tf.constant(1 << (shift - 1), tf.int64)
+    for x, scale, multiplier in zip(inputs, input_scales, multipliers, strict=True):
+        codes = tf.cast(tf.round(tf.cast(x, tf.float64) / scale), tf.int64)
+        total = total + codes * multiplier
+    steps = tf.bitwise.right_shift(total, shift)
+    return tf.cast(tf.cast(steps, tf.float64) * output_scale, dtype)
