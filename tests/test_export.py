@@ -184,6 +184,10 @@ def test_int4_rounding_follows_the_target(exported, trained):
     assert set(on_arm64) == set(on_x86) and len(on_arm64) >= 4, on_arm64
     assert set(on_arm64.values()) == {"float32", "single", "double", "add"}, on_arm64
     assert set(on_x86.values()) == {"float32", "double", "add"}, on_x86
+    # The classifier's input quantizer after global average pooling: the
+    # pooling's depthwise convolution runs in XNNPACK.
+    dense = next(layer for layer in qmodel.layers if isinstance(layer, tfquant.layers.QuantDense))
+    assert on_x86[dense.name] == "float32" and dense.input_requantization is not None
     assert rounding.kernel_rounding("FULLY_CONNECTED", "INT4", 64, "x86") == "float32"
     assert rounding.kernel_rounding("FULLY_CONNECTED", "INT4", 63, "arm64") == "single"
     with pytest.raises(lite.ExportError, match="'mips'"):

@@ -32,9 +32,21 @@ _PACKAGE = "tfquant"
 class _QuantizedKernelMixin:
     """Holds the two quantizers, builds them and adds them to the config."""
 
-    def _set_quantizers(self, kernel_quantizer, input_quantizer):
+    def _set_quantizers(self, kernel_quantizer, input_quantizer, input_requantization=None):
         self.kernel_quantizer = quantizers.get(kernel_quantizer, signed=True, for_weights=True)
         self.input_quantizer = quantizers.get(input_quantizer, signed=False, for_weights=False)
+        self.set_input_requantization(input_requantization)
+
+    def set_input_requantization(self, requantization):
+        """Makes inference round the input as the integer op that produces it.
+
+        Where the input quantizer's tensor is computed in the file by an
+        integer convolution (the depthwise convolution that lowers a global
+        or windowed average pooling), this holds that op's rounding rule, as
+        `QuantActivation.set_requantization` does for activations; the
+        exporter sets it. None rounds in float.
+        """
+        self.input_requantization = _validated_requantization(requantization)
 
     def _build_quantizers(self, input_shape):
         if self.kernel_quantizer is not None and not self.kernel_quantizer.built:
@@ -56,6 +68,8 @@ class _QuantizedKernelMixin:
     def _quantize_input(self, inputs, training):
         if self.input_quantizer is None:
             return inputs
+        if self.input_requantization is not None and not training:
+            inputs = _requantize(inputs, self.input_requantization)
         return ops.cast(self.input_quantizer(inputs, training=training), self.compute_dtype)
 
     def _add_bias_and_activation(self, outputs, bias_shape):
@@ -66,10 +80,13 @@ class _QuantizedKernelMixin:
         return outputs
 
     def _quantizer_config(self):
-        return {
+        config = {
             "kernel_quantizer": _serialize(self.kernel_quantizer),
             "input_quantizer": _serialize(self.input_quantizer),
         }
+        if self.input_requantization is not None:
+            config["input_requantization"] = dict(self.input_requantization)
+        return config
 
 
 def _serialize(quantizer):
@@ -102,6 +119,7 @@ class QuantConv2D(_QuantizedKernelMixin, keras.layers.Conv2D):
         input_quantizer=None,
         **kwargs,
     ):
+        input_requantization = kwargs.pop("input_requantization", None)
         super().__init__(
             filters=filters,
             kernel_size=kernel_size,
@@ -121,7 +139,7 @@ class QuantConv2D(_QuantizedKernelMixin, keras.layers.Conv2D):
             bias_constraint=bias_constraint,
             **kwargs,
         )
-        self._set_quantizers(kernel_quantizer, input_quantizer)
+        self._set_quantizers(kernel_quantizer, input_quantizer, input_requantization)
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -165,6 +183,7 @@ class QuantDepthwiseConv2D(_QuantizedKernelMixin, keras.layers.DepthwiseConv2D):
         input_quantizer=None,
         **kwargs,
     ):
+        input_requantization = kwargs.pop("input_requantization", None)
         super().__init__(
             kernel_size=kernel_size,
             strides=strides,
@@ -183,7 +202,7 @@ class QuantDepthwiseConv2D(_QuantizedKernelMixin, keras.layers.DepthwiseConv2D):
             bias_constraint=bias_constraint,
             **kwargs,
         )
-        self._set_quantizers(kernel_quantizer, input_quantizer)
+        self._set_quantizers(kernel_quantizer, input_quantizer, input_requantization)
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -233,6 +252,7 @@ class QuantDense(_QuantizedKernelMixin, keras.layers.Dense):
         input_quantizer=None,
         **kwargs,
     ):
+        input_requantization = kwargs.pop("input_requantization", None)
         if lora_rank is not None or quantization_config is not None:
             raise ValueError(
                 "QuantDense does not combine with Keras' own LoRA or quantization modes "
@@ -251,7 +271,7 @@ class QuantDense(_QuantizedKernelMixin, keras.layers.Dense):
             bias_constraint=bias_constraint,
             **kwargs,
         )
-        self._set_quantizers(kernel_quantizer, input_quantizer)
+        self._set_quantizers(kernel_quantizer, input_quantizer, input_requantization)
 
     def build(self, input_shape):
         super().build(input_shape)
@@ -267,6 +287,38 @@ class QuantDense(_QuantizedKernelMixin, keras.layers.Dense):
 
 
 _SUPPORTED_ACTIVATIONS = ("linear", "relu", "relu6", "softmax")
+
+
+def _validated_requantization(requantization):
+    """A `QuantActivation.set_requantization` spec, checked and made plain (JSON);
+    None for None or for a spec of the earlier approximate form (`exponents`)."""
+    if requantization is None or "exponents" in requantization:
+        return None
+    try:
+        spec = {
+            "rounding": str(requantization["rounding"]),
+            "accumulator_scale": [float(v) for v in np.ravel(requantization["accumulator_scale"])],
+            "output_scale": float(requantization["output_scale"]),
+            "offset": float(requantization.get("offset", 0.0)),
+        }
+        if spec["rounding"] == "float32":
+            spec["scale"] = [float(v) for v in np.ravel(requantization["scale"])]
+        else:
+            spec["multiplier"] = [int(v) for v in np.ravel(requantization["multiplier"])]
+            spec["exponent"] = [int(v) for v in np.ravel(requantization["exponent"])]
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(
+            "requantization must be a dict with rounding, accumulator_scale, output_scale, "
+            f"offset and the rule's constants, got {requantization!r} ({error})"
+        ) from None
+    numbers = spec["accumulator_scale"] + [spec["output_scale"]] + spec.get("scale", [])
+    if (
+        spec["rounding"] not in requantize_ops.ROUNDINGS
+        or not all(np.isfinite(v) and v > 0 for v in numbers)
+        or not np.isfinite(spec["offset"])
+    ):
+        raise ValueError(f"invalid requantization {requantization!r}")
+    return spec
 
 
 def _requantize(x, spec):
@@ -346,36 +398,7 @@ class QuantActivation(keras.layers.Layer):
             channel or one). A dict of the earlier form (`exponents`) is
             dropped: inference rounds once until the next export.
         """
-        if requantization is None or "exponents" in requantization:
-            self.requantization = None
-            return
-        try:
-            spec = {
-                "rounding": str(requantization["rounding"]),
-                "accumulator_scale": [
-                    float(v) for v in np.ravel(requantization["accumulator_scale"])
-                ],
-                "output_scale": float(requantization["output_scale"]),
-                "offset": float(requantization.get("offset", 0.0)),
-            }
-            if spec["rounding"] == "float32":
-                spec["scale"] = [float(v) for v in np.ravel(requantization["scale"])]
-            else:
-                spec["multiplier"] = [int(v) for v in np.ravel(requantization["multiplier"])]
-                spec["exponent"] = [int(v) for v in np.ravel(requantization["exponent"])]
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(
-                "requantization must be a dict with rounding, accumulator_scale, output_scale, "
-                f"offset and the rule's constants, got {requantization!r} ({error})"
-            ) from None
-        numbers = spec["accumulator_scale"] + [spec["output_scale"]] + spec.get("scale", [])
-        if (
-            spec["rounding"] not in requantize_ops.ROUNDINGS
-            or not all(np.isfinite(v) and v > 0 for v in numbers)
-            or not np.isfinite(spec["offset"])
-        ):
-            raise ValueError(f"invalid requantization {requantization!r}")
-        self.requantization = spec
+        self.requantization = _validated_requantization(requantization)
 
     def build(self, input_shape):
         if not self.quantizer.built:

@@ -256,18 +256,31 @@ TARGETS = ("arm64", "x86")
 
 
 def integer_producers(model: keras.Model) -> list[tuple]:
-    """(quantizing layer, the name its producing op's tensors carry in the file)
-    for each QuantActivation that an integer op requantizes straight onto its
-    grid: a quantized Conv2D / DepthwiseConv2D / Dense (through a folded
-    BatchNormalization; the kernel layer's name), or the identity convolution
-    between two quantizers in a row (the activation's own name); and for each
-    QuantAdd (its own name)."""
+    """Where an integer op of the file requantizes straight onto a quantizer's
+    grid: (layer, the name the op's tensors carry in the file, what) with
+    what "activation" (a QuantActivation computed by a quantized Conv2D /
+    DepthwiseConv2D / Dense, through a folded BatchNormalization, named after
+    the kernel layer; or by the identity convolution between two quantizers
+    in a row, named after the activation), "add" (a QuantAdd) or "input" (a
+    kernel layer's input quantizer fed by an average pooling, which lowers
+    to a depthwise convolution named after the pooling layer)."""
     _, order, consumers = _prepare(model)
     plan = _plan(order, consumers, True)
-    found = [(activation, layer.name) for layer, activation in plan.kernel_for_activation.values()]
-    for operation, _ in order:
-        if id(operation) in plan.after_quantizer or isinstance(operation, QuantAdd):
-            found.append((operation, operation.name))
+    found = [
+        (activation, layer.name, "activation")
+        for layer, activation in plan.kernel_for_activation.values()
+    ]
+    for operation, node in order:
+        if id(operation) in plan.after_quantizer:
+            found.append((operation, operation.name, "activation"))
+        elif isinstance(operation, QuantAdd):
+            found.append((operation, operation.name, "add"))
+        elif isinstance(operation, _KERNEL_LAYERS) and operation.input_quantizer is not None:
+            producer = graph.producer(node.input_tensors[0])
+            while isinstance(producer, _SHAPE_ONLY):
+                producer = graph.producer(producer._inbound_nodes[0].input_tensors[0])
+            if isinstance(producer, (_L.GlobalAveragePooling2D, _L.AveragePooling2D)):
+                found.append((operation, producer.name, "input"))
     return found
 
 
@@ -447,6 +460,9 @@ def _window_average(x, window, strides):
     )
     return tf.nn.depthwise_conv2d(x, kernel, (1, *strides, 1), "VALID")
 
+
+# Layers that only move values: a rounding before them is the rounding after them.
+_SHAPE_ONLY = (_L.Flatten, _L.Reshape, *_PASS_THROUGH)
 
 _GRID_KEEPING = (_L.MaxPooling2D, _L.Flatten, _L.Reshape, _L.ZeroPadding2D, *_PASS_THROUGH)
 

@@ -83,13 +83,15 @@ def match_integer_kernels(
     Every `QuantActivation` of the model that an integer convolution or fully
     connected layer computes (`lower.integer_producers`) gets
     `set_requantization` with the file's scales and the rounding of the
-    kernel that runs it on `target` (see the module docstring); every
-    `QuantAdd`, the constants of XNNPACK's integer ADD. Every other one is
-    cleared. Call it on the model the file was converted from, after
-    conversion; `export_model` does.
+    kernel that runs it on `target` (see the module docstring), and so does,
+    through `set_input_requantization`, every kernel layer's input quantizer
+    fed by an average pooling; every `QuantAdd` gets the constants of
+    XNNPACK's integer ADD. Every other one is cleared. Call it on the model
+    the file was converted from, after conversion; `export_model` does.
 
     Returns:
-      The rule set per layer name ("add" for a QuantAdd).
+      The rule set per layer name ("add" for a QuantAdd; a kernel layer's
+      name for its input quantizer).
 
     Raises:
       ExportError: `target` is unknown, or the file has no single op for a
@@ -98,21 +100,17 @@ def match_integer_kernels(
     if target not in TARGETS:
         raise ExportError(f"target must be one of {TARGETS}, got {target!r}")
     ops = _integer_ops(content)
-    producers = {id(layer): scope for layer, scope in integer_producers(model)}
     chosen = {}
-    for layer in model.layers:
-        if not isinstance(layer, (QuantActivation, QuantAdd)):
-            continue
-        if id(layer) not in producers:
-            layer.set_requantization(None)
-            continue
-        form = layer.quantizer.inference_form()
-        op = _op_computing(ops, producers[id(layer)], float(np.ravel(form.scale)[0]), layer)
-        if isinstance(layer, QuantAdd):
+    for layer, scope, what in integer_producers(model):
+        quantizer = layer.input_quantizer if what == "input" else layer.quantizer
+        form = quantizer.inference_form()
+        op = _op_computing(ops, scope, float(np.ravel(form.scale)[0]), layer, what != "input")
+        if op is None:
+            continue  # a pooling the file keeps as AVERAGE_POOL_2D: rounded in float
+        if what == "add":
             constants = requantize_ops.add_multipliers(op["input_scales"], op["output_scale"])
             if op["op"] != "ADD" or constants is None or form.offset:
-                layer.set_requantization(None)  # not XNNPACK's ADD: left to the float sum
-                continue
+                continue  # not XNNPACK's ADD: left to the float sum
             layer.set_requantization(
                 {
                     "input_scales": op["input_scales"],
@@ -123,36 +121,54 @@ def match_integer_kernels(
             )
             chosen[layer.name] = "add"
             continue
-        rounding = kernel_rounding(op["op"], op["storage"], op["input_depth"], target)
-        input_scale = op["input_scales"][0]
-        spec = {
-            "rounding": rounding,
-            "accumulator_scale": np.float64(input_scale) * op["weight_scales"].astype(np.float64),
-            "output_scale": op["output_scale"],
-            "offset": float(form.offset),
-        }
-        if rounding == "float32":
-            spec["scale"] = requantize_ops.float32_scale(
-                input_scale, op["weight_scales"], op["output_scale"]
-            )
+        spec = _kernel_spec(op, target, float(form.offset))
+        if what == "input":
+            layer.set_input_requantization(spec)
         else:
-            spec["multiplier"], spec["exponent"] = requantize_ops.fixed_point_multiplier(
-                input_scale, op["weight_scales"], op["output_scale"]
-            )
-        layer.set_requantization(spec)
-        chosen[layer.name] = rounding
+            layer.set_requantization(spec)
+        chosen[layer.name] = spec["rounding"]
+    for layer in model.layers:  # clear what an earlier export set and this one did not
+        if isinstance(layer, (QuantActivation, QuantAdd)) and layer.name not in chosen:
+            layer.set_requantization(None)
+        if hasattr(layer, "set_input_requantization") and layer.name not in chosen:
+            layer.set_input_requantization(None)
     # Traced predict functions hold the previous constants.
     if getattr(model, "predict_function", None) is not None:
         model.predict_function = None
     return chosen
 
 
-def _op_computing(ops: list[dict], scope: str, step: float, layer) -> dict:
+def _kernel_spec(op: dict, target: str, offset: float) -> dict:
+    """The `set_requantization` spec of a convolution / fully connected op."""
+    rounding = kernel_rounding(op["op"], op["storage"], op["input_depth"], target)
+    input_scale = op["input_scales"][0]
+    spec = {
+        "rounding": rounding,
+        "accumulator_scale": np.float64(input_scale) * op["weight_scales"].astype(np.float64),
+        "output_scale": op["output_scale"],
+        "offset": offset,
+    }
+    if rounding == "float32":
+        spec["scale"] = requantize_ops.float32_scale(
+            input_scale, op["weight_scales"], op["output_scale"]
+        )
+    else:
+        spec["multiplier"], spec["exponent"] = requantize_ops.fixed_point_multiplier(
+            input_scale, op["weight_scales"], op["output_scale"]
+        )
+    return spec
+
+
+def _op_computing(
+    ops: list[dict], scope: str, step: float, layer, required: bool = True
+) -> dict | None:
     candidates = [
         op
         for op in ops
         if scope in _scopes(op["output_name"]) and np.isclose(op["output_scale"], step, rtol=1e-5)
     ]
+    if not candidates and not required:
+        return None
     if len(candidates) != 1:
         raise ExportError(
             f"layer {layer.name!r}: expected one integer op computing it in the file "
