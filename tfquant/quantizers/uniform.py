@@ -220,9 +220,12 @@ def nudged_scale_zero_point(low: float, high: float, bits: int) -> tuple[float, 
     """The scale and zero point `fake_quant_with_min_max_vars` uses for
     [low, high] at `bits` (it nudges the range so that 0 is a code)."""
     quant_max = 2**bits - 1
-    scale = (high - low) / quant_max
-    zero_point = int(np.clip(np.round(-low / scale), 0, quant_max))
-    return scale, zero_point
+    # As TensorFlow's kernel computes it: float32, and std::round (ties away
+    # from zero); a zero point one off would clamp one code differently.
+    scale = (np.float32(high) - np.float32(low)) / np.float32(quant_max)
+    from_min = np.float32(0.0) - np.float32(low) / scale
+    zero_point = int(np.clip(np.sign(from_min) * np.floor(np.abs(from_min) + 0.5), 0, quant_max))
+    return float(scale), zero_point
 
 
 @register("lsq")
