@@ -180,8 +180,9 @@ def export_model(
     runtimes = tuple(dict.fromkeys((verify.CHECKED_RUNTIME, *runtimes)))
     reference = model.predict(x, batch_size=256, verbose=0)
     try:
+        fed = None if post_training else verify.quantized_input(model, x, content)
         by_target = verify.compare_on_targets(
-            reference, content, x, y, targets, runtimes, arm64_cpu
+            reference, content, x, y, targets, runtimes, arm64_cpu, fed
         )
     except Arm64Error as error:
         hint = (
@@ -191,6 +192,10 @@ def export_model(
             else ""
         )
         raise ExportError(f"cannot verify on arm64: {error}{hint}") from None
+    except ExportError:
+        raise
+    except ValueError as error:  # LiteRT refused the file, or a bad target / runtime
+        raise ExportError(f"cannot verify the file: {error}") from None
     agreement = by_target[targets[0]][verify.CHECKED_RUNTIME]
     report = {
         "mode": "post_training" if post_training else "quantization_aware",

@@ -88,11 +88,15 @@ def run_on_targets(
     targets: Sequence[str],
     runtimes: Sequence[str] = ("default", "builtin"),
     arm64_cpu: str | None = None,
+    fed: np.ndarray | None = None,
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
     """Runs the file on each target's kernels with each runtime.
 
     The host's own architecture runs in process; arm64 on an x86 host runs
     under emulation (`tfquant.lite.arm64`, built once with `make arm64`).
+
+    `fed`, when given, is exactly what to feed (e.g. `quantized_input`);
+    otherwise `x` is quantized with `input_codes`.
 
     Returns:
       {target: {runtime: raw outputs}} and the output details.
@@ -112,20 +116,75 @@ def run_on_targets(
                 f"runtime must be one of {sorted(litert_worker.RUNTIMES)}, got {runtime!r}"
             )
     input_detail, output_detail = _details(content)
-    inputs = input_codes(x, input_detail)
+    inputs = input_codes(x, input_detail) if fed is None else fed
     host = host_target()
     outputs = {}
     for target in dict.fromkeys(targets):
         if target == host:
-            outputs[target] = {
-                runtime: litert_worker.run_model(content, inputs, runtime) for runtime in runtimes
-            }
+            outputs[target] = {}
+            for runtime in runtimes:
+                try:
+                    outputs[target][runtime] = litert_worker.run_model(content, inputs, runtime)
+                except (RuntimeError, ValueError) as error:
+                    raise ValueError(
+                        f"LiteRT cannot run the file on {target} with the {runtime} runtime: "
+                        f"{str(error).strip()}"
+                    ) from None
         elif target == "arm64":
             ran = arm64.run(content, inputs, runtimes, cpu=arm64_cpu or arm64.DEFAULT_CPU)
             outputs[target] = {runtime: ran[runtime] for runtime in runtimes}
         else:
             raise ValueError(f"cannot run {target} kernels on this {host} host")
     return outputs, output_detail
+
+
+def quantized_input(keras_model, x: np.ndarray, content: bytes) -> np.ndarray | None:
+    """The int8 codes the Keras model's own first quantizer gives `x`.
+
+    A float input becomes int8 codes before the file sees it, and quantizers
+    round differently (half up, half away, float32 division or reciprocal):
+    the same codes as the Keras model's are what an app must feed, and what
+    the verification feeds. Found where one quantizer (a `QuantActivation`'s
+    or a kernel layer's input quantizer) reads the model input, directly or
+    through layers that only move or pad values, on the file's input grid.
+    Otherwise None (then `input_codes` quantizes, half up).
+    """
+    input_detail, _ = _details(content)
+    quantizer = _first_quantizer(keras_model)
+    if input_detail["dtype"] != np.int8 or quantizer is None:
+        return None
+    scale, zero_point = input_detail["quantization"]
+    form = quantizer.inference_form()
+    if form.offset or not np.isclose(float(np.ravel(form.scale)[0]), scale, rtol=1e-5):
+        return None
+    values = np.asarray(quantizer(np.asarray(x, np.float32), training=False))
+    return np.clip(np.round(values / scale) + zero_point, -128, 127).astype(np.int8)
+
+
+def _first_quantizer(keras_model):
+    import keras
+
+    from tfquant.layers import QuantActivation
+
+    moving = (keras.layers.Flatten, keras.layers.Reshape, keras.layers.ZeroPadding2D)
+    tensor = keras_model.inputs[0]
+    while True:
+        readers = [
+            layer
+            for layer in keras_model.layers
+            for node in layer._inbound_nodes
+            if any(t is tensor for t in node.input_tensors)
+        ]
+        if len(readers) != 1:
+            return None
+        layer = readers[0]
+        if isinstance(layer, QuantActivation):
+            return None if layer.activation_name != "linear" else layer.quantizer
+        if getattr(layer, "input_quantizer", None) is not None:
+            return layer.input_quantizer
+        if not isinstance(layer, moving):
+            return None
+        tensor = layer.output
 
 
 def compare(keras_model, content: bytes, x: np.ndarray, y: np.ndarray | None = None) -> Agreement:
@@ -144,9 +203,10 @@ def compare_on_targets(
     targets: Sequence[str] = ("x86",),
     runtimes: Sequence[str] = ("default", "builtin"),
     arm64_cpu: str | None = None,
+    fed: np.ndarray | None = None,
 ) -> dict[str, dict[str, Agreement]]:
     """`compare` against the Keras outputs `reference`, per target and runtime."""
-    outputs, detail = run_on_targets(content, x, targets, runtimes, arm64_cpu)
+    outputs, detail = run_on_targets(content, x, targets, runtimes, arm64_cpu, fed)
     return {
         target: {runtime: compare_outputs(reference, raw, detail, y) for runtime, raw in by.items()}
         for target, by in outputs.items()
@@ -219,7 +279,10 @@ def compare_layers(keras_model, content: bytes, x: np.ndarray) -> list[dict]:
     outputs = probe.predict(np.asarray(x, np.float32), verbose=0)
     outputs = outputs if isinstance(outputs, list) else [outputs]
     interp = Interpreter(model_content=content, experimental_preserve_all_tensors=True)
+    fed = quantized_input(keras_model, x, content)
     feed_input(interp, x)
+    if fed is not None:
+        interp.set_tensor(interp.get_input_details()[0]["index"], fed)
     interp.invoke()
     tensors = [t for t in interp.get_tensor_details() if t["dtype"] == np.int8]
     rows = []
