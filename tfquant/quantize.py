@@ -49,6 +49,7 @@ _SUPPORTED = (
     _L.GlobalAveragePooling2D,
     _L.Add,
 ) + _GRID_PRESERVING
+_POOLING = (_L.MaxPooling2D, _L.AveragePooling2D, _L.GlobalAveragePooling2D)
 _QUANT_LAYERS = (QuantConv2D, QuantDepthwiseConv2D, QuantDense, QuantActivation, QuantAdd)
 
 
@@ -300,6 +301,10 @@ class _Builder:
             self.sums.add(id(layer))
             self.on_grid.add(id(out))
             return out
+        if isinstance(layer, _POOLING) and id(args[0]) not in self.on_grid:
+            # In the integer file a pooling reads int8: its input needs a grid
+            # (an average is lowered to a convolution, which needs one too).
+            args = (self._requantize(args[0]), *args[1:])
         out = layer(*args, **kwargs)
         if isinstance(layer, _GRID_PRESERVING) and args and id(args[0]) in self.on_grid:
             self.on_grid.add(id(out))

@@ -275,12 +275,15 @@ def integer_producers(model: keras.Model) -> list[tuple]:
             found.append((operation, operation.name, "activation"))
         elif isinstance(operation, QuantAdd):
             found.append((operation, operation.name, "add"))
-        elif isinstance(operation, _KERNEL_LAYERS) and operation.input_quantizer is not None:
+        elif isinstance(operation, (*_KERNEL_LAYERS, QuantActivation)):
+            if isinstance(operation, _KERNEL_LAYERS) and operation.input_quantizer is None:
+                continue
             producer = graph.producer(node.input_tensors[0])
             while isinstance(producer, _SHAPE_ONLY):
                 producer = graph.producer(producer._inbound_nodes[0].input_tensors[0])
             if isinstance(producer, (_L.GlobalAveragePooling2D, _L.AveragePooling2D)):
-                found.append((operation, producer.name, "input"))
+                what = "input" if isinstance(operation, _KERNEL_LAYERS) else "activation"
+                found.append((operation, producer.name, what))
     return found
 
 

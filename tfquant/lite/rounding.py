@@ -122,6 +122,8 @@ def match_integer_kernels(
             chosen[layer.name] = "add"
             continue
         spec = _kernel_spec(op, target, float(form.offset))
+        if np.size(spec["accumulator_scale"]) > 1 and what == "input":
+            continue  # per-channel rounding seen through a Flatten: channels are mixed
         if what == "input":
             layer.set_input_requantization(spec)
         else:
@@ -156,6 +158,11 @@ def _kernel_spec(op: dict, target: str, offset: float) -> dict:
         spec["multiplier"], spec["exponent"] = requantize_ops.fixed_point_multiplier(
             input_scale, op["weight_scales"], op["output_scale"]
         )
+    # One value where every channel has the same (an average pooling's
+    # weights): it then also holds after a Flatten.
+    for key in ("accumulator_scale", "scale", "multiplier", "exponent"):
+        if key in spec and np.all(np.asarray(spec[key]) == np.ravel(spec[key])[0]):
+            spec[key] = np.ravel(spec[key])[:1]
     return spec
 
 
