@@ -2,7 +2,7 @@
 
     python -m export.export_tflite --model=qil_w4a4.keras --output=qil_w4a4.tflite \
         --data=digits [--samples=2000] [--output_type=int8|float32] \
-        [--min_agreement=0.995] [--allow_mismatch] [--post_training] \
+        [--min_agreement=1.0] [--min_identical_codes=0.999] [--allow_mismatch] [--post_training] \
         [--int4_weights [--target=arm64|x86]] [--verify_arm64 [--arm64_cpu=MODEL]]
 
 Writes OUTPUT, OUTPUT-without-extension.json and .txt (the report), each
@@ -34,8 +34,16 @@ def define_flags() -> None:
     flags.DEFINE_enum("output_type", "int8", ["int8", "float32"], "Type of the model output.")
     flags.DEFINE_float(
         "min_agreement",
-        0.995,
-        "Smallest top-1 agreement with Keras accepted.",
+        None,
+        "Smallest top-1 agreement with Keras accepted (default 1.0; 0.99 with --post_training).",
+        lower_bound=0.0,
+        upper_bound=1.0,
+    )
+    flags.DEFINE_float(
+        "min_identical_codes",
+        None,
+        "Smallest share of output codes identical to Keras's accepted (default 0.999; not "
+        "checked with --post_training).",
         lower_bound=0.0,
         upper_bound=1.0,
     )
@@ -93,6 +101,7 @@ def run(
     verify_arm64=False,
     arm64_cpu=None,
     target="arm64",
+    min_identical_codes=None,
 ):
     import keras
 
@@ -135,6 +144,7 @@ def run(
         y,
         output_type=output_type,
         min_agreement=min_agreement,
+        min_identical_codes=min_identical_codes,
         allow_mismatch=allow_mismatch,
         post_training=post_training,
         int4_weights=int4_weights,
@@ -170,6 +180,7 @@ def main(argv):
             FLAGS.verify_arm64,
             FLAGS.arm64_cpu,
             FLAGS.target,
+            FLAGS.min_identical_codes,
         )
     except (lite.ExportError, arm64.Arm64Error, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -138,8 +138,8 @@ def test_bar_applies_to_every_target(quantized, digits, monkeypatch):
     """A file that agrees on the host but not on arm64 is refused, naming arm64."""
     real = verify.compare_on_targets
 
-    def fake(reference, content, x, y, targets, runtimes, arm64_cpu):
-        found = real(reference, content, x, y, ("x86",), runtimes, arm64_cpu)
+    def fake(reference, content, x, y, targets, runtimes, arm64_cpu, fed):
+        found = real(reference, content, x, y, ("x86",), runtimes, arm64_cpu, fed)
         worse = verify.Agreement(len(x), 0.5, 0.1, 9)
         return {**found, "arm64": {runtime: worse for runtime in runtimes}}
 

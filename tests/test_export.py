@@ -262,9 +262,21 @@ def test_bits_above_8_rejected(trained):
         lite.lower_model(qmodel)
 
 
-def test_mismatch_refused_without_flag(trained, digits):
-    with pytest.raises(lite.ExportError, match="below the required"):
+def test_mismatch_refused_without_flag(trained, digits, monkeypatch):
+    real = verify.compare_on_targets
+
+    def nine_in_ten_agree(*args, **kwargs):
+        found = real(*args, **kwargs)
+        for by_runtime in found.values():
+            by_runtime["default"].top1_agreement = 0.9
+        return found
+
+    monkeypatch.setattr(verify, "compare_on_targets", nine_in_ten_agree)
+    with pytest.raises(lite.ExportError, match=r"top-1 agreement .* below the required 100\.00%"):
+        lite.export_model(trained[1], digits.x_test[:64])
+    with pytest.raises(lite.ExportError, match="min_agreement must be in"):
         lite.export_model(trained[1], digits.x_test[:64], min_agreement=1.01)
+    assert lite.export_model(trained[1], digits.x_test[:64], allow_mismatch=True).content
 
 
 @pytest.mark.parametrize("case", ["missing_model", "corrupt_model", "missing_directory"])
@@ -321,3 +333,21 @@ def test_average_pooling_rounds_once(digits, pooling, kept):
         verification = result.report["verification"]
         assert verification["identical_output_codes"] == 1.0, verification
         assert verification["max_output_step_difference"] == 0, verification
+
+
+def test_identical_codes_have_their_own_bar(trained, digits, monkeypatch):
+    real = verify.compare_on_targets
+
+    def one_code_in_a_hundred_differs(*args, **kwargs):
+        found = real(*args, **kwargs)
+        for by_runtime in found.values():
+            by_runtime["default"].identical_output_codes = 0.99
+        return found
+
+    monkeypatch.setattr(verify, "compare_on_targets", one_code_in_a_hundred_differs)
+    with pytest.raises(lite.ExportError, match=r"identical output codes .* 99\.00%.*99\.90%"):
+        lite.export_model(trained[1], digits.x_test[:64])
+    result = lite.export_model(trained[1], digits.x_test[:64], min_identical_codes=0.98)
+    assert result.report["min_identical_codes"] == 0.98 and result.report["min_agreement"] == 1.0
+    with pytest.raises(lite.ExportError, match="min_identical_codes must be in"):
+        lite.export_model(trained[1], digits.x_test[:64], min_identical_codes=1.5)
