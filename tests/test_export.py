@@ -262,16 +262,22 @@ def test_bits_above_8_rejected(trained):
         lite.lower_model(qmodel)
 
 
-def test_mismatch_refused_without_flag(trained, digits, monkeypatch):
+def _verification_lowered(monkeypatch, **values):
+    """Makes export_model see each CPU's default-runtime figures set to `values`."""
     real = verify.compare_on_targets
 
-    def nine_in_ten_agree(*args, **kwargs):
+    def lowered(*args, **kwargs):
         found = real(*args, **kwargs)
         for by_runtime in found.values():
-            by_runtime["default"].top1_agreement = 0.9
+            for name, value in values.items():
+                setattr(by_runtime["default"], name, value)
         return found
 
-    monkeypatch.setattr(verify, "compare_on_targets", nine_in_ten_agree)
+    monkeypatch.setattr(verify, "compare_on_targets", lowered)
+
+
+def test_mismatch_refused_without_flag(trained, digits, monkeypatch):
+    _verification_lowered(monkeypatch, top1_agreement=0.9)
     with pytest.raises(lite.ExportError, match=r"top-1 agreement .* below the required 100\.00%"):
         lite.export_model(trained[1], digits.x_test[:64])
     with pytest.raises(lite.ExportError, match="min_agreement must be in"):
@@ -336,18 +342,28 @@ def test_average_pooling_rounds_once(digits, pooling, kept):
 
 
 def test_identical_codes_have_their_own_bar(trained, digits, monkeypatch):
-    real = verify.compare_on_targets
-
-    def one_code_in_a_hundred_differs(*args, **kwargs):
-        found = real(*args, **kwargs)
-        for by_runtime in found.values():
-            by_runtime["default"].identical_output_codes = 0.99
-        return found
-
-    monkeypatch.setattr(verify, "compare_on_targets", one_code_in_a_hundred_differs)
+    _verification_lowered(monkeypatch, identical_output_codes=0.99)
     with pytest.raises(lite.ExportError, match=r"identical output codes .* 99\.00%.*99\.90%"):
         lite.export_model(trained[1], digits.x_test[:64])
     result = lite.export_model(trained[1], digits.x_test[:64], min_identical_codes=0.98)
     assert result.report["min_identical_codes"] == 0.98 and result.report["min_agreement"] == 1.0
     with pytest.raises(lite.ExportError, match="min_identical_codes must be in"):
         lite.export_model(trained[1], digits.x_test[:64], min_identical_codes=1.5)
+
+
+def test_a_quantizer_calibrated_on_zeros_is_named(digits, monkeypatch):
+    """A layer whose calibration saw only zeros gets a near-zero step, which
+    LiteRT's delegate may refuse: the error then names the layer."""
+    inputs = keras.Input(digits.input_shape)
+    x = L.ReLU(name="dead")(L.Conv2D(4, 3, padding="same")(inputs))
+    model = keras.Model(inputs, L.Dense(3)(L.Flatten()(x)))
+    scheme = {"weights": "lsq", "activations": "minmax", "bits": 8}
+    qmodel = tfquant.quantize_model(model, scheme, calibration_data=digits.x_train[:64])
+    qmodel.get_layer("dead").quantizer.range_max.assign(1e-6)
+
+    def refused(*args, **kwargs):
+        raise ValueError("LiteRT cannot run the file on x86 with the default runtime: prepare")
+
+    monkeypatch.setattr(verify, "compare_on_targets", refused)
+    with pytest.raises(lite.ExportError, match="layer 'dead' has a quantization step of .* calib"):
+        lite.export_model(qmodel, digits.x_test[:16], allow_mismatch=True)

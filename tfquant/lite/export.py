@@ -212,7 +212,14 @@ def export_model(
     except ExportError:
         raise
     except ValueError as error:  # LiteRT refused the file, or a bad target / runtime
-        raise ExportError(f"cannot verify the file: {error}") from None
+        steps = [(r["activation_scale"], r["name"]) for r in layers if "activation_scale" in r]
+        hint = ""
+        if steps and min(steps)[0] < 1e-5:
+            hint = (
+                f" (layer {min(steps)[1]!r} has a quantization step of {min(steps)[0]:.3g}: "
+                "its quantizer was calibrated on (nearly) constant values)"
+            )
+        raise ExportError(f"cannot verify the file: {error}{hint}") from None
     agreement = by_target[targets[0]][verify.CHECKED_RUNTIME]
     report = {
         "mode": "post_training" if post_training else "quantization_aware",
