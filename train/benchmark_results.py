@@ -431,20 +431,25 @@ def tflite_accuracy_as_is(model, dataset, bits: int) -> float:
     from a copy (the export aligns the Keras model it is given to the file)."""
     import keras
 
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return export_row(copy, dataset, bits).report["verification"]["tflite_accuracy"]
+
+
+def export_row(qmodel, dataset, bits: int):
+    """A row's integer file, verified on the test split: 2..4-bit weights as
+    INT4 made exact for, and verified on, this host's kernels."""
     from tfquant import lite
     from tfquant.lite import verify
 
-    copy = keras.models.clone_model(model)
-    copy.set_weights(model.get_weights())
-    result = lite.export_model(
-        copy,
+    return lite.export_model(
+        qmodel,
         dataset.x_test,
         dataset.y_test,
         allow_mismatch=True,
         int4_weights=bits <= 4,
         target=verify.host_target(),
     )
-    return result.report["verification"]["tflite_accuracy"]
 
 
 def qn_temperature(rows: int, batch_size: int, epochs: int):
@@ -585,7 +590,6 @@ def _quantized_row(
     and the recorded parameter history (None when not recorded)."""
     import tfquant
     from tfquant import lite
-    from tfquant.lite import verify
 
     name = scheme_name(method, bits)
     scheme, note = bench_scheme(method, bits)
@@ -628,15 +632,7 @@ def _quantized_row(
             row["bn_std_ratio"] = max(layer["std_ratio"] for layer in reestimation.values())
             stage = "export"
             start = time.perf_counter()
-            # INT4 files made exact for, and verified on, this host's kernels.
-            result = lite.export_model(
-                qmodel,
-                dataset.x_test,
-                dataset.y_test,
-                allow_mismatch=True,
-                int4_weights=bits <= 4,
-                target=verify.host_target(),
-            )
+            result = export_row(qmodel, dataset, bits)
             path = os.path.join(output_dir, f"{name}.tflite")
             lite.save_export(result, path)
             verification = result.report["verification"]
