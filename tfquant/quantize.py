@@ -199,8 +199,6 @@ class _Builder:
         self.inline_activation: dict[int, str] = {}
         self.on_grid: set[int] = set()
         self.activation_quantizers: list[tuple[quantizers.Quantizer, Any]] = []
-        # QuantAdd layers, whose quantizer calibrates on the sum of their inputs.
-        self.sums: set[int] = set()
 
     # -- quantizer factories
     def _quantizer(self, spec, bits, signed, for_weights=False, first_last=False):
@@ -298,7 +296,6 @@ class _Builder:
             # rounding, which the exporter makes QuantAdd emulate, lands on a
             # fine grid rather than straight on a coarse k-bit one.
             out = layer(inputs, **kwargs)
-            self.sums.add(id(layer))
             self.on_grid.add(id(out))
             return out
         if isinstance(layer, _POOLING) and id(args[0]) not in self.on_grid:
@@ -351,7 +348,7 @@ class _Builder:
             args, kwargs = node.arguments.fill_in(values)
             if getattr(operation, "_call_has_training_arg", False):
                 kwargs["training"] = False
-            if id(operation) in self.sums:
+            if isinstance(operation, QuantAdd):  # its quantizer reads the sum of its inputs
                 operation.quantizer.initialize(np.asarray(tf.add_n(list(args[0]))))
             outputs = operation(*args, **kwargs)
             for tensor in node.input_tensors:
