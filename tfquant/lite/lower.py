@@ -278,9 +278,7 @@ def integer_producers(model: keras.Model) -> list[tuple]:
         elif isinstance(operation, (*_KERNEL_LAYERS, QuantActivation)):
             if isinstance(operation, _KERNEL_LAYERS) and operation.input_quantizer is None:
                 continue
-            producer = graph.producer(node.input_tensors[0])
-            while isinstance(producer, _SHAPE_ONLY):
-                producer = graph.producer(producer._inbound_nodes[0].input_tensors[0])
+            producer = _upstream(node.input_tensors[0], _SHAPE_ONLY)
             if isinstance(producer, (_L.GlobalAveragePooling2D, _L.AveragePooling2D)):
                 what = "input" if isinstance(operation, _KERNEL_LAYERS) else "activation"
                 found.append((operation, producer.name, what))
@@ -534,14 +532,19 @@ def _plan(order, consumers, int4_weights: bool) -> _Plan:
 def _input_scale(plan: _Plan, node) -> float | None:
     """The step of the int8 tensor a kernel layer reads, when a quantizer
     upstream fixes it (through layers that keep the grid), else None."""
-    tensor = node.input_tensors[0]
-    while True:
-        operation = graph.producer(tensor)
-        if isinstance(operation, _QUANTIZING):
-            return float(plan.activation_forms[id(operation)].scale)
-        if not isinstance(operation, _GRID_KEEPING):
-            return None
-        tensor = operation._inbound_nodes[0].input_tensors[0]
+    operation = _upstream(node.input_tensors[0], _GRID_KEEPING)
+    if isinstance(operation, _QUANTIZING):
+        return float(plan.activation_forms[id(operation)].scale)
+    return None
+
+
+def _upstream(tensor, through: tuple):
+    """The operation that computed `tensor`, looking through layers of the
+    types in `through` (each read on its first input)."""
+    operation = graph.producer(tensor)
+    while isinstance(operation, through):
+        operation = graph.producer(operation._inbound_nodes[0].input_tensors[0])
+    return operation
 
 
 def _sole_consumer(operation, consumers):
