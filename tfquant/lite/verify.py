@@ -164,17 +164,15 @@ def quantized_input(keras_model, x: np.ndarray, content: bytes) -> np.ndarray | 
 def _first_quantizer(keras_model):
     import keras
 
+    from tfquant import graph
     from tfquant.layers import QuantActivation
+    from tfquant.lite.lower import _prepare
 
     moving = (keras.layers.Flatten, keras.layers.Reshape, keras.layers.ZeroPadding2D)
-    tensor = keras_model.inputs[0]
+    functional, _, consumers = _prepare(keras_model)
+    layer = graph.producer(functional.inputs[0])
     while True:
-        readers = [
-            layer
-            for layer in keras_model.layers
-            for node in layer._inbound_nodes
-            if any(t is tensor for t in node.input_tensors)
-        ]
+        readers = consumers.get(id(layer), [])
         if len(readers) != 1:
             return None
         layer = readers[0]
@@ -184,7 +182,6 @@ def _first_quantizer(keras_model):
             return layer.input_quantizer
         if not isinstance(layer, moving):
             return None
-        tensor = layer.output
 
 
 def compare(keras_model, content: bytes, x: np.ndarray, y: np.ndarray | None = None) -> Agreement:
