@@ -190,8 +190,8 @@ def export_model(
         {"op": w["op"], "storage": w["storage"], "channels": int(w["scales"].size)}
         for w in lite_inspect.weight_tensors(content)
     ]
+    int4 = any(w["storage"] == "INT4" for w in report_weights)
     if targets is None:
-        int4 = any(w["storage"] == "INT4" for w in report_weights)
         targets = (verify.host_target(), target) if int4 else (verify.host_target(),)
     targets = tuple(dict.fromkeys(targets))
     runtimes = tuple(dict.fromkeys((verify.CHECKED_RUNTIME, *runtimes)))
@@ -205,7 +205,7 @@ def export_model(
         hint = (
             " (INT4 convolutions round differently per CPU: verify on the target, or store "
             "INT8 weights, which compute the same on every CPU)"
-            if target == "arm64" and any(w["storage"] == "INT4" for w in report_weights)
+            if target == "arm64" and int4
             else ""
         )
         raise ExportError(f"cannot verify on arm64: {error}{hint}") from None
@@ -213,12 +213,13 @@ def export_model(
         raise
     except ValueError as error:  # LiteRT refused the file, or a bad target / runtime
         steps = [(r["activation_scale"], r["name"]) for r in layers if "activation_scale" in r]
-        hint = ""
-        if steps and min(steps)[0] < 1e-5:
-            hint = (
-                f" (layer {min(steps)[1]!r} has a quantization step of {min(steps)[0]:.3g}: "
-                "its quantizer was calibrated on (nearly) constant values)"
-            )
+        step, name = min(steps, default=(1.0, None))
+        hint = (
+            f" (layer {name!r} has a quantization step of {step:.3g}: its quantizer was "
+            "calibrated on (nearly) constant values)"
+            if step < 1e-5
+            else ""
+        )
         raise ExportError(f"cannot verify the file: {error}{hint}") from None
     agreement = by_target[targets[0]][verify.CHECKED_RUNTIME]
     report = {
