@@ -228,6 +228,18 @@ def test_exact_requantization_round_trips_and_refuses_bad_specs():
     assert layer.requantization is None
 
 
+@pytest.mark.parametrize("count", [5, 256, 300])
+def test_keras_outputs_match_predict_whatever_the_count(count):
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, [keras.layers.Dense(2)(inputs), keras.layers.Dense(4)(inputs)])
+    x = np.random.default_rng(count).normal(size=(count, 3)).astype(np.float32)
+    got = verify.keras_outputs(model, x)
+    want = model.predict(x, batch_size=256, verbose=0)
+    assert [g.shape for g in got] == [(count, 2), (count, 4)]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+
+
 def test_save_writes_model_and_reports(exported, tmp_path):
     path = tmp_path / "m.tflite"
     lite.save_export(exported, str(path))

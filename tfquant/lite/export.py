@@ -195,7 +195,7 @@ def export_model(
         targets = (verify.host_target(), target) if int4 else (verify.host_target(),)
     targets = tuple(dict.fromkeys(targets))
     runtimes = tuple(dict.fromkeys((verify.CHECKED_RUNTIME, *runtimes)))
-    reference = model.predict(x, batch_size=256, verbose=0)
+    reference = verify.keras_outputs(model, x)
     try:
         fed = None if post_training else verify.quantized_input(model, x, content)
         by_target = verify.compare_on_targets(

@@ -184,10 +184,29 @@ def _first_quantizer(keras_model):
             return None
 
 
+def keras_outputs(keras_model, x: np.ndarray, batch_size: int = 256):
+    """`keras_model.predict(x)` traced for one batch shape only.
+
+    `predict` traces its function once per batch shape, so a last, shorter
+    batch costs a second trace (about as long as running a few hundred
+    images through a ResNet-20); the last batch is padded instead and the
+    padding's outputs dropped.
+    """
+    x = np.asarray(x, np.float32)
+    count = len(x)
+    if count > batch_size and count % batch_size:
+        pad = np.zeros((batch_size - count % batch_size, *x.shape[1:]), x.dtype)
+        x = np.concatenate([x, pad])
+    outputs = keras_model.predict(x, batch_size=min(batch_size, count), verbose=0)
+    if isinstance(outputs, list):
+        return [o[:count] for o in outputs]
+    return outputs[:count]
+
+
 def compare(keras_model, content: bytes, x: np.ndarray, y: np.ndarray | None = None) -> Agreement:
     """Top-1 agreement, identical output codes and the largest difference in
     output quantization steps between the Keras and the TFLite model."""
-    reference = keras_model.predict(x, batch_size=256, verbose=0)
+    reference = keras_outputs(keras_model, x)
     raw, detail = run_tflite(content, x)
     return compare_outputs(reference, raw, detail, y)
 
@@ -273,7 +292,7 @@ def compare_layers(keras_model, content: bytes, x: np.ndarray) -> list[dict]:
     if not layers:
         return []
     probe = keras.Model(keras_model.inputs, [layer.output for layer in layers])
-    outputs = probe.predict(np.asarray(x, np.float32), verbose=0)
+    outputs = keras_outputs(probe, x)
     outputs = outputs if isinstance(outputs, list) else [outputs]
     interp = Interpreter(model_content=content, experimental_preserve_all_tensors=True)
     fed = quantized_input(keras_model, x, content)

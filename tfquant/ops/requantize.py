@@ -100,10 +100,19 @@ def requantize(
     grid, where the quantizer that follows keeps it.
     """
     dtype = x.dtype
-    units = (tf.cast(x, tf.float64) - offset) / tf.constant(accumulator_scale, tf.float64)
-    acc = tf.cast(tf.round(units), tf.int64)
-    steps = apply_rounding(acc, rounding, **rule)
-    return tf.cast(tf.cast(steps, tf.float64) * output_scale + offset, dtype)
+    values = tf.cast(x, tf.float64)
+    if offset:
+        values = values - offset
+    acc = tf.round(values / tf.constant(accumulator_scale, tf.float64))
+    if rounding == "float32":
+        # Integer-valued float64 to float32 rounds as int32 to float32 does:
+        # no detour through int64 (three passes fewer over the tensor).
+        product = tf.cast(acc, tf.float32) * tf.constant(rule["scale"], tf.float32)
+        steps = tf.cast(tf.round(product), tf.float64)
+    else:
+        steps = tf.cast(apply_rounding(tf.cast(acc, tf.int64), rounding, **rule), tf.float64)
+    steps = steps * output_scale
+    return tf.cast(steps + offset if offset else steps, dtype)
 
 
 def add_multipliers(input_scales, output_scale: float) -> tuple[list[int], int] | None:
