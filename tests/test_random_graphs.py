@@ -1,8 +1,9 @@
 """Property: on random small graphs the integer file computes the Keras model's codes.
 
 Each graph is a random chain of Conv2D / DepthwiseConv2D (with or without
-BatchNormalization), residual blocks (Add), ReLU, max and average pooling and
-a Dense head (SAME average pooling only where its windows tile the input), with
+BatchNormalization), residual blocks (Add), ReLU or ReLU6, BatchNormalization
+that follows no kernel (pre-activation, or alone), max and average pooling
+and a Dense head (SAME average pooling only where its windows tile the input), with
 random weights, BatchNorm statistics, bit widths (2..8) and
 weight storage (INT4 where the bits allow, else INT8). It is quantized with
 `quantize_model`, exported and verified with LiteRT's default runtime on this
@@ -27,7 +28,10 @@ def _random_model(rng: np.random.Generator) -> keras.Model:
     inputs = keras.Input((size, size, int(rng.choice([1, 3]))))
     x = inputs
     for _ in range(int(rng.integers(2, 6))):
-        kind = rng.choice(["conv", "depthwise", "residual", "maxpool", "avgpool"])
+        kind = rng.choice(
+            ["conv", "depthwise", "residual", "maxpool", "avgpool", "preact", "affine"]
+        )
+        relu = L.ReLU(6.0) if rng.integers(2) else L.ReLU()
         spatial = int(x.shape[1])
         if kind in ("maxpool", "avgpool") and spatial >= 4:
             # SAME average pooling whose edge windows reach into the padding
@@ -37,10 +41,14 @@ def _random_model(rng: np.random.Generator) -> keras.Model:
             pool = L.MaxPooling2D if kind == "maxpool" else L.AveragePooling2D
             x = pool(2, padding=str(padding))(x)
             continue
+        if kind in ("preact", "affine"):
+            x = L.BatchNormalization()(x)
+            x = relu(x) if kind == "preact" else x
+            continue
         if kind == "residual":
             y = L.Conv2D(int(x.shape[-1]), 3, padding="same", use_bias=False)(x)
             y = L.BatchNormalization()(y)
-            x = L.ReLU()(L.Add()([x, y]))
+            x = relu(L.Add()([x, y]))
             continue
         if kind == "depthwise":
             x = L.DepthwiseConv2D(3, padding="same", use_bias=bool(rng.integers(2)))(x)
@@ -50,7 +58,7 @@ def _random_model(rng: np.random.Generator) -> keras.Model:
             x = L.Conv2D(int(rng.integers(3, 9)), kernel, strides=strides, padding="same")(x)
         if rng.integers(2):
             x = L.BatchNormalization()(x)
-        x = L.ReLU()(x)
+        x = relu(x)
     if rng.integers(2):
         x = L.GlobalAveragePooling2D()(x)
     else:

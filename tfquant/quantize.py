@@ -23,6 +23,7 @@ from tfquant import graph, quantizers
 from tfquant.layers import (
     QuantActivation,
     QuantAdd,
+    QuantConcatenate,
     QuantConv2D,
     QuantDense,
     QuantDepthwiseConv2D,
@@ -36,21 +37,48 @@ _KERNEL_LAYERS = {
     _L.Dense: QuantDense,
 }
 # Layers whose output stays on the grid of their input.
-_GRID_PRESERVING = (_L.MaxPooling2D, _L.Flatten, _L.Dropout, _L.ZeroPadding2D, _L.Reshape)
+_GRID_PRESERVING = (
+    _L.MaxPooling2D,
+    _L.GlobalMaxPooling2D,
+    _L.Flatten,
+    _L.Dropout,
+    _L.ZeroPadding2D,
+    _L.Cropping2D,
+    _L.Reshape,
+)
 _SUPPORTED = (
     _L.InputLayer,
     _L.Conv2D,
     _L.DepthwiseConv2D,
     _L.Dense,
     _L.BatchNormalization,
+    _L.Rescaling,
+    _L.Normalization,
     _L.ReLU,
     _L.Activation,
     _L.AveragePooling2D,
     _L.GlobalAveragePooling2D,
     _L.Add,
+    _L.Concatenate,
 ) + _GRID_PRESERVING
-_POOLING = (_L.MaxPooling2D, _L.AveragePooling2D, _L.GlobalAveragePooling2D)
-_QUANT_LAYERS = (QuantConv2D, QuantDepthwiseConv2D, QuantDense, QuantActivation, QuantAdd)
+# Per-channel x * a + b layers; Rescaling and Normalization become a
+# BatchNormalization with fixed statistics, which the exporter lowers.
+_AFFINE = (_L.BatchNormalization, _L.Rescaling, _L.Normalization)
+_HEAD_PASSING = (_L.Reshape, _L.Flatten, _L.Dropout, _L.Activation)
+_POOLING = (
+    _L.MaxPooling2D,
+    _L.GlobalMaxPooling2D,
+    _L.AveragePooling2D,
+    _L.GlobalAveragePooling2D,
+)
+_QUANT_LAYERS = (
+    QuantConv2D,
+    QuantDepthwiseConv2D,
+    QuantDense,
+    QuantActivation,
+    QuantAdd,
+    QuantConcatenate,
+)
 
 
 def quantize_model(
@@ -89,7 +117,7 @@ def quantize_model(
     ['QuantConv2D', 'QuantActivation']
     """
     scheme = Scheme.from_any(scheme)
-    functional = _as_functional(model)
+    functional = _flattened(_as_functional(model))
     model_graph = _ModelGraph(functional)
     builder = _Builder(scheme, model_graph)
     qmodel = keras.models.clone_model(
@@ -129,12 +157,66 @@ def _as_functional(model) -> keras.Model:
     return model
 
 
+def _flattened(model: keras.Model) -> keras.Model:
+    """`model` with every nested model (a base model inside a head, a
+    Sequential block) replaced by its layers, so that each is quantized as
+    if it had been written inline. Nested layers are copies with the same
+    weights; a layer used several times stays one layer."""
+    if not any(isinstance(layer, keras.Model) for layer in model.layers):
+        return model
+    copies: dict[int, Any] = {}
+
+    def copy_of(layer):
+        if id(layer) not in copies:
+            copies[id(layer)] = layer.__class__.from_config(layer.get_config())
+        return copies[id(layer)]
+
+    def run(inner, tensors):
+        inner = _as_functional(inner)
+        values = {id(t): v for t, v in zip(inner.inputs, tensors, strict=True)}
+        for operation, node in graph.nodes_in_order(inner):
+            if node.is_input:
+                continue
+            args, kwargs = node.arguments.fill_in(values)
+            if isinstance(operation, keras.Model):
+                outputs = run(operation, tf.nest.flatten((args, kwargs.pop("inputs", ()))))
+            else:
+                layer = copy_of(operation)
+                fresh = not layer.built
+                outputs = layer(*args, **kwargs)
+                if fresh and operation.weights:
+                    layer.set_weights(operation.get_weights())
+            for tensor, value in zip(node.outputs, tf.nest.flatten(outputs), strict=True):
+                values[id(tensor)] = value
+        return [values[id(t)] for t in inner.outputs]
+
+    inputs = [keras.Input(batch_shape=t.shape, name=t.name) for t in model.inputs]
+    outputs = run(model, inputs)
+    return keras.Model(
+        inputs[0] if len(inputs) == 1 else inputs,
+        outputs[0] if len(outputs) == 1 else outputs,
+        name=model.name,
+    )
+
+
 class _ModelGraph:
     """The float model's layers and its output layers."""
 
     def __init__(self, model: keras.Model):
         self.model = model
-        self.output_layers = {id(graph.producer(t)) for t in model.outputs}
+        # The layers whose output is a model output, also through the layers
+        # that only reshape it or apply the head's softmax after it.
+        self.output_layers = set()
+        for tensor in model.outputs:
+            layer = graph.producer(tensor)
+            self.output_layers.add(id(layer))
+            while isinstance(layer, _HEAD_PASSING) and _activation_name(layer) in (
+                None,
+                "linear",
+                "softmax",
+            ):
+                layer = graph.producer(layer._inbound_nodes[0].input_tensors[0])
+                self.output_layers.add(id(layer))
         for layer in model.layers:
             if isinstance(layer, _QUANT_LAYERS):
                 raise ValueError(
@@ -146,8 +228,27 @@ class _ModelGraph:
                     f"quantize_model cannot quantize layer {layer.name!r} of type "
                     f"{type(layer).__name__}{_describe(layer)}; supported: "
                     + ", ".join(sorted({c.__name__ for c in _SUPPORTED}))
-                    + " (activations relu, linear, softmax)"
+                    + f" (activations {', '.join(_ACTIVATIONS)}; ReLU with max_value 6 or none)"
                 )
+        # BatchNormalizations no kernel layer absorbs: they become per-channel
+        # affine integer ops, between two quantizers.
+        order = graph.nodes_in_order(model)
+        consumers = graph.consumers_of(order)
+        self.affine: set[int] = set()
+        self.followed_by_relu: set[int] = set()
+        for layer, node in order:
+            if not isinstance(layer, _AFFINE):
+                continue
+            producer = graph.producer(node.input_tensors[0])
+            if not isinstance(layer, _L.BatchNormalization) or not (
+                type(producer) in _KERNEL_LAYERS
+                and _name_of(producer.activation) == "linear"
+                and len(consumers.get(id(producer), [])) == 1
+            ):
+                self.affine.add(id(layer))
+                following = consumers.get(id(layer), [])
+                if len(following) == 1 and _activation_name(following[0]) in _RELU_ACTIVATIONS:
+                    self.followed_by_relu.add(id(layer))
         kernel_layers = [
             layer for layer in model.layers if isinstance(layer, tuple(_KERNEL_LAYERS))
         ]
@@ -156,9 +257,13 @@ class _ModelGraph:
         self.first, self.last = kernel_layers[0], kernel_layers[-1]
 
 
+_RELU_ACTIVATIONS = ("relu", "relu6")
+_ACTIVATIONS = ("linear", "relu", "relu6", "softmax")
+
+
 def _activation_name(layer) -> str | None:
     if isinstance(layer, _L.ReLU):
-        return "relu"
+        return "relu" if layer.get_config().get("max_value") is None else "relu6"
     if isinstance(layer, _L.Activation):
         return _name_of(layer.activation)
     return None
@@ -173,12 +278,12 @@ def _supported_configuration(layer) -> bool:
     if isinstance(layer, _L.ReLU):
         config = layer.get_config()
         return (
-            config.get("max_value") is None
+            config.get("max_value") in (None, 6.0)
             and not config.get("negative_slope")
             and not config.get("threshold")
         )
     if isinstance(layer, (_L.Activation, *_KERNEL_LAYERS)):
-        return _name_of(layer.activation) in ("linear", "relu", "softmax")
+        return _name_of(layer.activation) in _ACTIVATIONS
     return True
 
 
@@ -251,13 +356,17 @@ class _Builder:
             )
             new = quant_class.from_config(config)
             self.inline_activation[id(new)] = _name_of(layer.activation)
+        elif isinstance(layer, (_L.Rescaling, _L.Normalization)):
+            new = _L.BatchNormalization(name=layer.name, trainable=False)
         elif type(layer) is _L.Add:
             new = QuantAdd(quantizer=self._requantizer(), **layer.get_config())
-        elif _activation_name(layer) == "relu":
+        elif type(layer) is _L.Concatenate:
+            new = QuantConcatenate(quantizer=self._requantizer(), **layer.get_config())
+        elif _activation_name(layer) in _RELU_ACTIVATIONS:
             quantizer = self._quantizer(
                 scheme.activations, scheme.resolved_activation_bits, signed=False
             )
-            new = QuantActivation("relu", quantizer=quantizer, name=layer.name)
+            new = QuantActivation(_activation_name(layer), quantizer=quantizer, name=layer.name)
         else:
             new = layer.__class__.from_config(layer.get_config())
         self.old_for_new[id(new)] = layer
@@ -274,11 +383,11 @@ class _Builder:
                 self.activation_quantizers.append((layer.input_quantizer, x))
             out = layer(x, *args[1:], **kwargs)
             inline = self.inline_activation[id(layer)]
-            if inline == "relu":
+            if inline in _RELU_ACTIVATIONS:
                 quantizer = self._quantizer(
                     self.scheme.activations, self.scheme.resolved_activation_bits, signed=False
                 )
-                out = self._call_activation(QuantActivation("relu", quantizer=quantizer), out)
+                out = self._call_activation(QuantActivation(inline, quantizer=quantizer), out)
             elif inline == "softmax":
                 if self.scheme.quantize_output:
                     out = self._requantize(out)
@@ -288,7 +397,7 @@ class _Builder:
             return out
         if isinstance(layer, QuantActivation):
             return self._call_activation(layer, args[0])
-        if isinstance(layer, QuantAdd):
+        if isinstance(layer, (QuantAdd, QuantConcatenate)):
             inputs = [t if id(t) in self.on_grid else self._requantize(t) for t in args[0]]
             # The sum always gets its own 8-bit grid (QuantAdd's quantizer),
             # also before a ReLU's quantizer: it gives an offset (QIL's c - d)
@@ -297,6 +406,14 @@ class _Builder:
             # fine grid rather than straight on a coarse k-bit one.
             out = layer(inputs, **kwargs)
             self.on_grid.add(id(out))
+            return out
+        if id(old) in self.graph.affine:
+            # Integer x * a + b per channel: it reads a grid and its result
+            # gets one (the ReLU's quantizer that follows, or an 8-bit one).
+            x = args[0] if id(args[0]) in self.on_grid else self._requantize(args[0])
+            out = layer(x, *args[1:], **kwargs)
+            if id(old) not in self.graph.followed_by_relu:
+                out = self._requantize(out)
             return out
         if isinstance(layer, _POOLING) and id(args[0]) not in self.on_grid:
             # In the integer file a pooling reads int8: its input needs a grid
@@ -319,6 +436,8 @@ class _Builder:
                     new.kernel_quantizer.initialize(kernel)
                 except ValueError as error:
                     raise ValueError(f"layer {old.name!r}: {error}") from None
+            elif isinstance(old, (_L.Rescaling, _L.Normalization)):
+                new.set_weights(_affine_as_batch_norm(old, new))
             elif old.weights:
                 new.set_weights(old.get_weights())
 
@@ -350,6 +469,9 @@ class _Builder:
                 kwargs["training"] = False
             if isinstance(operation, QuantAdd):  # its quantizer reads the sum of its inputs
                 operation.quantizer.initialize(np.asarray(tf.add_n(list(args[0]))))
+            if isinstance(operation, QuantConcatenate):
+                joined = tf.concat(list(args[0]), axis=operation.axis)
+                operation.quantizer.initialize(np.asarray(joined))
             outputs = operation(*args, **kwargs)
             for tensor in node.input_tensors:
                 uses[id(tensor)] -= 1
@@ -357,6 +479,36 @@ class _Builder:
                     values.pop(id(tensor), None)  # free what no later node reads
             for tensor, value in zip(node.outputs, tf.nest.flatten(outputs), strict=True):
                 computed(tensor, value)
+
+
+def _affine_as_batch_norm(layer, batch_norm) -> list[np.ndarray]:
+    """gamma, beta, moving mean and variance that make `batch_norm` compute
+    what a Rescaling or Normalization layer computes, per channel."""
+    channels = int(batch_norm.gamma.shape[0])
+    if isinstance(layer, _L.Rescaling):
+        scale = np.asarray(layer.scale, np.float64)
+        offset = np.asarray(layer.offset, np.float64)
+    else:
+        if layer.invert:
+            raise ValueError(f"layer {layer.name!r}: an inverted Normalization is not supported")
+        mean = np.asarray(keras.ops.convert_to_numpy(layer.mean), np.float64)
+        deviation = np.sqrt(np.asarray(keras.ops.convert_to_numpy(layer.variance), np.float64))
+        scale = 1.0 / np.maximum(deviation, keras.backend.epsilon())
+        offset = -mean * scale
+    if scale.size not in (1, channels) or offset.size not in (1, channels):
+        raise ValueError(
+            f"layer {layer.name!r}: only a scale and offset per channel (the last axis) or "
+            f"one for all can be quantized, got shapes {scale.shape} and {offset.shape}"
+        )
+    spread = np.sqrt(1.0 + batch_norm.epsilon)
+    gamma = np.broadcast_to(scale.reshape(-1), (channels,)) * spread
+    beta = np.broadcast_to(offset.reshape(-1), (channels,))
+    return [
+        gamma.astype(np.float32),
+        beta.astype(np.float32),
+        np.zeros(channels, np.float32),
+        np.ones(channels, np.float32),
+    ]
 
 
 def _calibration_array(data, samples: int) -> np.ndarray:

@@ -3,9 +3,17 @@
 from tfquant.layers.quant_layers import (
     QuantActivation,
     QuantAdd,
+    QuantConcatenate,
     QuantConv2D,
     QuantDense,
     QuantDepthwiseConv2D,
 )
 
-__all__ = ["QuantActivation", "QuantAdd", "QuantConv2D", "QuantDense", "QuantDepthwiseConv2D"]
+__all__ = [
+    "QuantActivation",
+    "QuantAdd",
+    "QuantConcatenate",
+    "QuantConv2D",
+    "QuantDense",
+    "QuantDepthwiseConv2D",
+]

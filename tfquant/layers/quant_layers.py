@@ -406,10 +406,12 @@ class QuantActivation(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs, training=None):
+        if self.requantization is not None and not training:
+            # The kernel's rounding first, then its fused clamp (relu6 clamps
+            # the value the kernel computed, on the output grid).
+            inputs = _requantize(inputs, self.requantization)
         if not self._skip_activation:
             inputs = self.activation(inputs)
-        if self.requantization is not None and not training:
-            inputs = _requantize(inputs, self.requantization)
         return self.quantizer(inputs, training=training)
 
     def compute_output_shape(self, input_shape):
@@ -509,4 +511,72 @@ class QuantAdd(keras.layers.Add):
         config["quantizer"] = _serialize(self.quantizer)
         if self.requantization is not None:
             config["requantization"] = dict(self.requantization)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QuantConcatenate(keras.layers.Concatenate):
+    """`keras.layers.Concatenate` whose result is quantized onto one grid.
+
+    TFLite's int8 CONCATENATION copies bytes: its inputs must share the
+    output's grid. `tfquant.quantize_model` uses it for every Concatenate,
+    with an 8-bit quantizer; the exporter moves each input that is on
+    another grid onto this one with an integer op, whose rounding inference
+    then follows (`set_requantization`). Its inputs must be on quantizers'
+    grids.
+
+    Args:
+      quantizer: a quantizer name, config dict or `Quantizer` (signed by default).
+      requantization: None, or one spec or None per input (see
+        `set_requantization`); the exporter sets it.
+      **kwargs: `keras.layers.Concatenate`'s arguments (`axis`).
+    """
+
+    def __init__(self, quantizer="minmax", requantization=None, **kwargs):
+        super().__init__(**kwargs)
+        self.quantizer = quantizers.get(quantizer, signed=True)
+        if self.quantizer is None:
+            raise ValueError("QuantConcatenate needs a quantizer, got None")
+        self.requantization = None
+        self.set_requantization(requantization)
+
+    def set_requantization(self, requantization):
+        """Makes inference move each input onto the output grid as the file does.
+
+        Args:
+          requantization: None, or a list with one entry per input: None
+            (the input is already on the output grid, or rounds in float)
+            or a `QuantActivation.set_requantization` spec of the integer op
+            that requantizes that input.
+        """
+        if requantization is None:
+            self.requantization = None
+            return
+        if not isinstance(requantization, (list, tuple)):
+            raise ValueError(
+                f"requantization must be a list with one spec or None per input, got "
+                f"{requantization!r}"
+            )
+        self.requantization = [_validated_requantization(spec) for spec in requantization]
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        if not self.quantizer.built:
+            self.quantizer.build(tuple(self.compute_output_shape(input_shape)))
+
+    def call(self, inputs, training=None):
+        specs = self.requantization
+        if specs is not None and not training and len(specs) == len(inputs):
+            inputs = [
+                x if s is None else _requantize(x, s) for x, s in zip(inputs, specs, strict=True)
+            ]
+        return self.quantizer(super().call(inputs), training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config["quantizer"] = _serialize(self.quantizer)
+        if self.requantization is not None:
+            config["requantization"] = [
+                None if spec is None else dict(spec) for spec in self.requantization
+            ]
         return config

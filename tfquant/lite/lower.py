@@ -36,6 +36,7 @@ from tfquant import graph
 from tfquant.layers import (
     QuantActivation,
     QuantAdd,
+    QuantConcatenate,
     QuantConv2D,
     QuantDense,
     QuantDepthwiseConv2D,
@@ -45,7 +46,7 @@ from tfquant.quantizers import InferenceForm
 _L = keras.layers
 _KERNEL_LAYERS = (QuantConv2D, QuantDepthwiseConv2D, QuantDense)
 # Layers whose output is a quantizer's grid.
-_QUANTIZING = (QuantActivation, QuantAdd)
+_QUANTIZING = (QuantActivation, QuantAdd, QuantConcatenate)
 _PASS_THROUGH = (_L.Dropout,)
 
 
@@ -210,7 +211,9 @@ def align_biases(model: keras.Model) -> dict[str, float]:
             continue
         if batch_norm is not None and batch_norm[0].center:
             variable, delta = batch_norm[0].beta, shift
-        elif layer.use_bias and (batch_norm is None or np.all(batch_norm[1] != 0)):
+        elif getattr(layer, "use_bias", False) and (
+            batch_norm is None or np.all(batch_norm[1] != 0)
+        ):
             variable = layer.bias
             delta = shift if batch_norm is None else shift / batch_norm[1]
         else:
@@ -263,7 +266,9 @@ def integer_producers(model: keras.Model) -> list[tuple]:
     the kernel layer; or by the identity convolution between two quantizers
     in a row, named after the activation), "add" (a QuantAdd) or "input" (a
     kernel layer's input quantizer fed by an average pooling, which lowers
-    to a depthwise convolution named after the pooling layer)."""
+    to a depthwise convolution named after the pooling layer), or the index
+    of a QuantConcatenate's input that an identity convolution moves onto
+    its grid (named `concat_input_scope`)."""
     _, order, consumers = _prepare(model)
     plan = _plan(order, consumers, True)
     found = [
@@ -271,6 +276,9 @@ def integer_producers(model: keras.Model) -> list[tuple]:
         for layer, activation in plan.kernel_for_activation.values()
     ]
     for operation, node in order:
+        for index, offset in enumerate(plan.concat_inputs.get(id(operation), ())):
+            if offset is not None:
+                found.append((operation, concat_input_scope(operation, index), index))
         if id(operation) in plan.after_quantizer:
             found.append((operation, operation.name, "activation"))
         elif isinstance(operation, QuantAdd):
@@ -298,15 +306,24 @@ class _Plan:
         self.after_quantizer: set[int] = set()
         self.bias_shifts: dict[int, tuple] = {}
         self.kernel_for_activation: dict[int, tuple] = {}
+        self.affines: dict[int, tuple] = {}
+        # Per QuantConcatenate, per input: None (already on its grid) or
+        # (offset to subtract while moving it onto the grid, site number).
+        self.concat_inputs: dict[int, list] = {}
+        self.identity_sites = 0
 
     def emit(self, operation, args):
         key = id(operation)
         if key in self.skip:
             return args[0]
+        if key in self.affines:
+            return self._emit_affine(operation, args[0])
         if isinstance(operation, _KERNEL_LAYERS):
             return self._emit_kernel(operation, args[0])
         if isinstance(operation, QuantActivation):
             return self._emit_activation(operation, args[0])
+        if isinstance(operation, QuantConcatenate):
+            return self._emit_concatenate(operation, args)
         if isinstance(operation, QuantAdd):
             form = self.activation_forms[id(operation)]
             y = _emit_plain(operation, args)
@@ -314,6 +331,32 @@ class _Plan:
                 y = y - form.offset
             return _fake_quant_activation(y, form, f"layer {operation.name!r}")
         return _emit_plain(operation, args)
+
+    def _emit_concatenate(self, layer, args):
+        """Inputs on another grid are moved onto the output's by an identity
+        convolution (one rounding, in XNNPACK); CONCATENATION then copies."""
+        form = self.activation_forms[id(layer)]
+        where = f"layer {layer.name!r}"
+        parts = []
+        for index, (x, move) in enumerate(zip(args, self.concat_inputs[id(layer)], strict=True)):
+            if move is not None:
+                # A scope of its own (absolute: trailing "/"), by which
+                # `match_integer_kernels` finds this op in the file.
+                with tf.name_scope(concat_input_scope(layer, index) + "/"):
+                    x = _requantize_through_identity(x, *move)
+                    x = _fake_quant_activation(x, form, where)
+            parts.append(x)
+        return _fake_quant_activation(tf.concat(parts, axis=layer.axis), form, where)
+
+    def _emit_affine(self, layer, x):
+        """A per-channel x * a + b as a 1x1 depthwise convolution with int8
+        weights +-127 at scale |a| / 127 (exact) and an int32 bias."""
+        make_kernel, bias = self.affines[id(layer)]
+        flat = x.shape.rank != 4
+        channels = int(x.shape[-1])
+        y = tf.reshape(x, (-1, 1, 1, channels)) if flat else x
+        y = tf.nn.depthwise_conv2d(y, make_kernel(), (1, 1, 1, 1), "VALID") + tf.constant(bias)
+        return tf.reshape(y, (-1, channels)) if flat else y
 
     def _emit_kernel(self, layer, x):
         make_kernel, bias, input_form = self.kernels[id(layer)]
@@ -346,13 +389,33 @@ class _Plan:
             x = _requantize_through_identity(x, form.offset)
         elif form.offset and id(layer) not in self.folded_offsets:
             x = x - form.offset
-        if layer.activation_name == "relu":
-            x = tf.nn.relu(x)
-        elif layer.activation_name == "relu6":
-            x = tf.nn.relu6(x)
+        if layer.activation_name in ("relu", "relu6"):
+            x = _offset_relu(x, form, 6.0 if layer.activation_name == "relu6" else None)
         elif layer.activation_name == "softmax":
             x = tf.nn.softmax(x)
         return _fake_quant_activation(x, form, f"layer {layer.name!r}")
+
+
+def concat_input_scope(layer, index: int) -> str:
+    """The name scope of the op that moves input `index` of a QuantConcatenate
+    onto its grid."""
+    return f"{layer.name}__input{index}"
+
+
+def _offset_relu(x, form: InferenceForm, max_value: float | None):
+    """relu / relu6 of the value v, on `x` = v - offset (the quantizer's offset
+    is already subtracted): clamps `x` to [-offset, max_value - offset],
+    each bound kept only where the quantizer's own clamp does not already
+    apply it. Without an offset it is the op the converter fuses into the
+    kernel before it."""
+    offset = float(form.offset)
+    if not offset:
+        return tf.nn.relu(x) if max_value is None else tf.nn.relu6(x)
+    x = tf.nn.relu(x) if offset > 0 else tf.maximum(x, -offset)
+    _, top = activation_range(form, "activation")
+    if max_value is not None and max_value - offset < top:
+        x = tf.minimum(x, max_value - offset)
+    return x
 
 
 def _emit_plain(operation, args):
@@ -365,6 +428,12 @@ def _emit_plain(operation, args):
         return tf.nn.max_pool2d(
             x, operation.pool_size, operation.strides, operation.padding.upper()
         )
+    if isinstance(operation, _L.GlobalMaxPooling2D):
+        return tf.reduce_max(x, axis=(1, 2), keepdims=operation.keepdims)
+    if isinstance(operation, _L.Cropping2D):
+        (top, bottom), (left, right) = operation.cropping
+        height, width = int(x.shape[1]), int(x.shape[2])
+        return x[:, top : height - bottom, left : width - right, :]
     if isinstance(operation, _L.AveragePooling2D):
         return _average_pool(x, operation)
     if isinstance(operation, _L.GlobalAveragePooling2D):
@@ -391,7 +460,7 @@ def _emit_plain(operation, args):
     raise ExportError(f"cannot lower layer {operation.name!r} of type {type(operation).__name__}")
 
 
-def _requantize_through_identity(x, offset):
+def _requantize_through_identity(x, offset, site: int = 0):
     """x - offset as a 1x1 depthwise convolution with weight 1.
 
     A FakeQuant straight after another one is merged by the converter into
@@ -401,8 +470,13 @@ def _requantize_through_identity(x, offset):
     and holds the offset in its bias (int32 at 1/127 of the input step).
     """
     channels = int(x.shape[-1])
+    # The converter merges identical ops on one tensor (one tensor moved onto
+    # two concatenations' grids), and the merged op cannot have two output
+    # grids: the weight 1 is the int8 code c at scale 1/c, c = 127, 126, ...
+    # by `site`.
+    code = 127 - site % 64
     kernel = tf.quantization.fake_quant_with_min_max_vars(
-        tf.ones((1, 1, channels, 1)), -1.0, 1.0, num_bits=8, narrow_range=True
+        tf.ones((1, 1, channels, 1)), -127 / code, 127 / code, num_bits=8, narrow_range=True
     )
     flat = x.shape.rank != 4
     y = tf.reshape(x, (-1, 1, 1, channels)) if flat else x
@@ -465,13 +539,24 @@ def _window_average(x, window, strides):
 # Layers that only move values: a rounding before them is the rounding after them.
 _SHAPE_ONLY = (_L.Flatten, _L.Reshape, *_PASS_THROUGH)
 
-_GRID_KEEPING = (_L.MaxPooling2D, _L.Flatten, _L.Reshape, _L.ZeroPadding2D, *_PASS_THROUGH)
+_GRID_KEEPING = (
+    _L.MaxPooling2D,
+    _L.GlobalMaxPooling2D,
+    _L.Flatten,
+    _L.Reshape,
+    _L.ZeroPadding2D,
+    _L.Cropping2D,
+    *_PASS_THROUGH,
+)
 
 _LOWERABLE = (
     _L.Add,
+    QuantConcatenate,
     _L.MaxPooling2D,
+    _L.GlobalMaxPooling2D,
     _L.AveragePooling2D,
     _L.GlobalAveragePooling2D,
+    _L.Cropping2D,
     _L.Flatten,
     _L.Reshape,
     _L.ZeroPadding2D,
@@ -505,6 +590,11 @@ def _plan(order, consumers, int4_weights: bool) -> _Plan:
             form = operation.quantizer.inference_form()
             activation_range(form, f"layer {operation.name!r}")
             plan.activation_forms[id(operation)] = form
+            if isinstance(operation, QuantConcatenate):
+                plan.concat_inputs[id(operation)] = [
+                    _concat_input_offset(plan, operation, tensor, form)
+                    for tensor in node.input_tensors
+                ]
             producer = graph.producer(node.input_tensors[0])
             if isinstance(operation, QuantActivation) and isinstance(producer, _QUANTIZING):
                 plan.after_quantizer.add(id(operation))
@@ -520,13 +610,79 @@ def _plan(order, consumers, int4_weights: bool) -> _Plan:
     for operation, node in order:
         if isinstance(operation, _KERNEL_LAYERS):
             _plan_kernel(plan, operation, node, consumers)
-    for operation, _ in order:
+    for operation, node in order:
         if isinstance(operation, _L.BatchNormalization) and id(operation) not in plan.skip:
-            raise ExportError(
-                f"cannot fold BatchNormalization {operation.name!r}: it does not directly "
-                "follow a quantized Conv2D, DepthwiseConv2D or Dense used only by it"
-            )
+            _plan_affine(plan, operation, node, consumers)
     return plan
+
+
+def _plan_affine(plan: _Plan, layer, node, consumers):
+    """A BatchNormalization that no kernel layer absorbs: its inference form
+    x * a + b per channel, lowered as a 1x1 depthwise convolution (integer,
+    and inside XNNPACK) onto the grid of the quantizer that follows it."""
+    where = f"BatchNormalization {layer.name!r}"
+    if layer.axis not in (-1, len(layer.input.shape) - 1):
+        raise ExportError(f"{where}: only the last (channels) axis can be lowered")
+    input_scale = _input_scale(plan, node)
+    follower = _sole_consumer(layer, consumers)
+    if input_scale is None or not isinstance(follower, QuantActivation):
+        raise ExportError(
+            f"cannot lower {where}: it does not follow a quantized Conv2D, DepthwiseConv2D "
+            "or Dense used only by it, and it is not between two quantizers (a quantized "
+            "input, and a QuantActivation as its only consumer); tfquant.quantize_model "
+            "places them"
+        )
+    channels = int(layer.moving_mean.shape[0])
+    gamma = layer.gamma.numpy() if layer.scale else np.ones(channels)
+    beta = layer.beta.numpy() if layer.center else np.zeros(channels)
+    factor = np.asarray(gamma, np.float64) / np.sqrt(
+        np.asarray(layer.moving_variance.numpy(), np.float64) + layer.epsilon
+    )
+    if not np.isfinite(factor).all() or not np.isfinite(beta).all():
+        raise ExportError(f"{where}: its statistics or weights contain NaN or inf")
+    bias = np.asarray(beta, np.float64) - np.asarray(layer.moving_mean.numpy(), np.float64) * factor
+    codes = np.sign(factor) * 127.0
+    magnitude = np.where(factor != 0, np.abs(factor) / 127.0, 1.0 / 127.0)
+    plan.kernel_for_activation[id(follower)] = (layer, follower)
+    offset = plan.activation_forms[id(follower)].offset
+    report = LayerReport(
+        name=layer.name,
+        kind="BatchNormalization",
+        weight_bits=8,
+        weight_storage="INT8",
+        weight_scales=[float(v) for v in magnitude],
+    )
+    if offset:
+        bias = bias - offset
+        plan.folded_offsets.add(id(follower))
+        report.folded_offset = float(offset)
+    grid = input_scale * magnitude
+    report.bias_step = float(grid.max())
+    plan.bias_shifts[id(layer)] = (layer, (layer, factor), np.round(bias / grid) * grid - bias)
+    folded = (codes * magnitude).reshape(1, 1, 1, channels)
+    make_kernel = _kernel_maker(folded, magnitude, 127, final_shape=(1, 1, channels, 1))
+    plan.affines[id(layer)] = (make_kernel, bias.astype(np.float32))
+    plan.reports.append(report)
+
+
+def _concat_input_offset(plan: _Plan, layer, tensor, form: InferenceForm) -> float | None:
+    """None where `tensor` is already on `form`'s int8 grid, else the offset
+    to subtract while requantizing it (its quantizer's offset is already
+    out of the lowered value) and a number distinct per requantization."""
+    upstream = _upstream(tensor, _GRID_KEEPING)
+    if not isinstance(upstream, _QUANTIZING):
+        raise ExportError(
+            f"layer {layer.name!r}: an input of the concatenation is on no quantizer's grid "
+            f"(it comes from {upstream.name!r}); tfquant.quantize_model places them"
+        )
+    source = plan.activation_forms[id(upstream)]
+    same = activation_range(source, "input") == activation_range(form, "output") and (
+        float(source.offset) == float(form.offset)
+    )
+    if same:
+        return None
+    plan.identity_sites += 1
+    return float(form.offset) - float(source.offset), plan.identity_sites
 
 
 def _input_scale(plan: _Plan, node) -> float | None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from tfquant.layers import QuantActivation, QuantAdd
+from tfquant.layers import QuantActivation, QuantAdd, QuantConcatenate
 from tfquant.lite import inspect as lite_inspect
 from tfquant.lite.lower import TARGETS, ExportError, integer_producers
 from tfquant.ops import requantize as requantize_ops
@@ -101,7 +101,14 @@ def match_integer_kernels(
         raise ExportError(f"target must be one of {TARGETS}, got {target!r}")
     ops = _integer_ops(content)
     chosen = {}
+    concatenations: dict[str, tuple] = {}
     for layer, scope, what in integer_producers(model):
+        if isinstance(what, int):  # input `what` of a QuantConcatenate
+            form = layer.quantizer.inference_form()
+            op = _op_computing(ops, scope, float(np.ravel(form.scale)[0]), layer)
+            specs = concatenations.setdefault(layer.name, (layer, {}))[1]
+            specs[what] = _kernel_spec(op, target, float(form.offset))
+            continue
         quantizer = layer.input_quantizer if what == "input" else layer.quantizer
         form = quantizer.inference_form()
         op = _op_computing(ops, scope, float(np.ravel(form.scale)[0]), layer, what != "input")
@@ -129,8 +136,14 @@ def match_integer_kernels(
         else:
             layer.set_requantization(spec)
         chosen[layer.name] = spec["rounding"]
+    for layer, specs in concatenations.values():
+        layer.set_requantization([specs.get(i) for i in range(len(layer.input))])
+        chosen[layer.name] = "concatenation"
     for layer in model.layers:  # clear what an earlier export set and this one did not
-        if isinstance(layer, (QuantActivation, QuantAdd)) and layer.name not in chosen:
+        if (
+            isinstance(layer, (QuantActivation, QuantAdd, QuantConcatenate))
+            and layer.name not in chosen
+        ):
             layer.set_requantization(None)
         if hasattr(layer, "set_input_requantization") and layer.name not in chosen:
             layer.set_input_requantization(None)

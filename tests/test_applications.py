@@ -1,0 +1,208 @@
+"""The layers Keras applications are built from quantize and export code for code.
+
+Small models exercise each layer kind in the quick suite; the slow suite
+builds keras.applications families at their smallest input.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import tfquant
+from tfquant import lite
+from tfquant.layers import QuantActivation, QuantConcatenate
+from tfquant.lite import verify
+
+L = keras.layers
+
+
+def _export(model, x, scheme="lsq_w4a4", int4=False):
+    qmodel = tfquant.quantize_model(model, scheme, calibration_data=x[:64])
+    result = lite.export_model(
+        qmodel,
+        x,
+        int4_weights=int4,
+        target=verify.host_target(),
+        runtimes=("default",),
+        allow_mismatch=True,
+    )
+    return qmodel, result.report["verification"]
+
+
+def _exact(found):
+    assert found["identical_output_codes"] == 1.0, found
+    assert found["max_output_step_difference"] == 0, found
+
+
+def _randomize_batch_norm(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, L.BatchNormalization):
+            channels = layer.gamma.shape[0]
+            layer.gamma.assign(rng.uniform(0.5, 1.5, channels) * rng.choice([-1, 1], channels))
+            layer.beta.assign(rng.normal(0, 0.3, channels))
+            layer.moving_mean.assign(rng.normal(0, 0.3, channels))
+            layer.moving_variance.assign(rng.uniform(0.3, 2.0, channels))
+
+
+def _images(count=96, size=12, channels=3, scale=1.0, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(0, scale, (count, size, size, channels)).astype(np.float32)
+
+
+@pytest.mark.parametrize("scheme", ["lsq_w4a4", "qil_w4a4"])
+def test_relu6_in_every_form(scheme):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((12, 12, 3))
+    x = L.Conv2D(8, 3, activation="relu6")(inputs)
+    x = L.ReLU(max_value=6.0)(L.BatchNormalization()(L.Conv2D(8, 3)(x)))
+    x = L.Activation("relu6")(L.DepthwiseConv2D(3)(x))
+    model = keras.Model(inputs, L.Dense(5)(L.Flatten()(x)))
+    _randomize_batch_norm(model)
+    qmodel, found = _export(model, _images(scale=4.0), scheme)
+    names = [layer.activation_name for layer in qmodel.layers if isinstance(layer, QuantActivation)]
+    assert names.count("relu6") == 3, names
+    _exact(found)
+
+
+def test_relu_with_another_max_value_is_refused_at_quantize_time():
+    model = keras.Sequential([keras.Input((8, 8, 1)), L.Conv2D(4, 3), L.ReLU(max_value=4.0)])
+    with pytest.raises(ValueError, match="'re_lu.*ReLU"):
+        tfquant.quantize_model(model, "lsq_w4a4")
+
+
+@pytest.mark.parametrize("followed_by", ["relu", "relu6", "conv", "add"])
+def test_batch_norm_that_follows_no_kernel(followed_by):
+    """Pre-activation BatchNormalization (ResNet V2, DenseNet) and one alone
+    become integer per-channel affine ops between two quantizers."""
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((10, 10, 3))
+    y = L.ReLU()(L.Conv2D(6, 3, padding="same")(inputs))
+    x = L.BatchNormalization()(y)
+    if followed_by in ("relu", "relu6"):
+        x = L.ReLU(6.0 if followed_by == "relu6" else None)(x)
+    elif followed_by == "add":
+        x = L.Add()([x, y])
+    x = L.Conv2D(6, 3)(x)
+    model = keras.Model(inputs, L.Dense(5)(L.GlobalAveragePooling2D()(x)))
+    _randomize_batch_norm(model, seed=2)
+    _, found = _export(model, _images(size=10))
+    _exact(found)
+
+
+def test_rescaling_and_normalization_at_the_input():
+    keras.utils.set_random_seed(2)
+    x = _images(scale=255.0)
+    normalization = L.Normalization()
+    normalization.adapt(x / 127.5 - 1.0)
+    model = keras.Sequential(
+        [
+            keras.Input((12, 12, 3)),
+            L.Rescaling(1 / 127.5, offset=-1.0),
+            normalization,
+            L.Conv2D(8, 3, activation="relu"),
+            L.GlobalAveragePooling2D(),
+            L.Dense(5),
+        ]
+    )
+    qmodel, found = _export(model, x, "lsq_w8a8")
+    _exact(found)
+    reference = model.predict(x, verbose=0)
+    error = np.abs(qmodel.predict(x, verbose=0) - reference).max()
+    assert error < 0.1 * np.abs(reference).max()
+
+
+def test_nested_model_is_flattened():
+    """The transfer-learning pattern: a base model called inside a head."""
+    keras.utils.set_random_seed(3)
+    base = keras.Sequential(
+        [
+            keras.Input((12, 12, 3)),
+            L.Conv2D(8, 3),
+            L.BatchNormalization(),
+            L.ReLU(6.0),
+            L.Cropping2D(1),
+            L.Conv2D(8, 3, padding="same", activation="relu"),
+        ],
+        name="base",
+    )
+    inputs = keras.Input((12, 12, 3))
+    x = base(inputs, training=False)
+    model = keras.Model(inputs, L.Dense(5)(L.GlobalMaxPooling2D()(x)))
+    _randomize_batch_norm(base, seed=4)
+    qmodel, found = _export(model, _images())
+    assert not any(isinstance(layer, keras.Model) for layer in qmodel.layers)
+    assert "base" not in [layer.name for layer in qmodel.layers]
+    _exact(found)
+
+
+def test_reshaped_head_gets_its_output_grid():
+    """MobileNet's head: a 1x1 convolution on pooled features, then Reshape."""
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((8, 8, 3))
+    x = L.GlobalAveragePooling2D(keepdims=True)(L.Conv2D(8, 3, activation="relu")(inputs))
+    x = L.Reshape((5,))(L.Conv2D(5, 1)(L.Dropout(0.1)(x)))
+    _, found = _export(keras.Model(inputs, x), _images(size=8))
+    _exact(found)
+
+
+def _concatenating_model():
+    inputs = keras.Input((10, 10, 3))
+    a = L.Conv2D(6, 3, padding="same", activation="relu")(inputs)
+    b = L.Conv2D(4, 1)(a)
+    x = L.ReLU()(L.BatchNormalization()(L.Concatenate()([a, b])))
+    c = L.Conv2D(5, 3, padding="same")(x)
+    # `a` feeds two concatenations, each on its own grid.
+    x = L.Concatenate()([x, c, a])
+    return keras.Model(inputs, L.Dense(5)(L.GlobalAveragePooling2D()(x)))
+
+
+@pytest.mark.parametrize("scheme", ["lsq_w4a4", "qil_w4a4"])
+def test_concatenate_shares_one_grid(scheme, tmp_path):
+    """DenseNet's and Inception's pattern; the integer CONCATENATION copies bytes."""
+    keras.utils.set_random_seed(5)
+    model = _concatenating_model()
+    _randomize_batch_norm(model, seed=6)
+    x = _images(size=10)
+    qmodel, found = _export(model, x, scheme)
+    _exact(found)
+    joins = [layer for layer in qmodel.layers if isinstance(layer, QuantConcatenate)]
+    assert len(joins) == 2
+    assert all(layer.requantization is not None for layer in joins)
+    path = str(tmp_path / "concat.keras")
+    qmodel.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0))
+
+
+def test_unsupported_layer_is_named_at_quantize_time():
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(4, 3)(inputs)
+    x = L.LayerNormalization(name="norm")(x)
+    model = keras.Model(inputs, x)
+    with pytest.raises(ValueError, match="'norm' of type LayerNormalization.*supported"):
+        tfquant.quantize_model(model, "lsq_w4a4")
+
+
+def _application(name, size):
+    kwargs = {"alpha": 0.35} if name.startswith("MobileNet") else {}
+    return getattr(keras.applications, name)(
+        weights=None,
+        input_shape=(size, size, 3),
+        classes=10,
+        classifier_activation=None,
+        **kwargs,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["MobileNet", "MobileNetV2", "ResNet50V2", "DenseNet121"])
+@pytest.mark.parametrize("scheme", ["lsq_w8a8", "lsq_w4a4"])
+def test_application_exports_code_for_code(name, scheme):
+    keras.utils.set_random_seed(5)
+    model = _application(name, 32)
+    x = _images(count=64, size=32)
+    tfquant.reestimate_batch_norm(model, x)
+    _, found = _export(model, x, scheme)
+    assert found["top1_agreement"] == 1.0, found
+    _exact(found)
