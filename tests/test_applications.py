@@ -10,7 +10,8 @@ import pytest
 
 import tfquant
 from tfquant import lite
-from tfquant.layers import QuantActivation, QuantConcatenate
+from tfquant import quantize as quantize_module
+from tfquant.layers import QuantActivation, QuantAveragePooling2D, QuantConcatenate
 from tfquant.lite import verify
 
 L = keras.layers
@@ -136,6 +137,32 @@ def test_nested_model_is_flattened():
     _exact(found)
 
 
+def test_separable_conv_is_a_depthwise_and_a_pointwise_conv():
+    keras.utils.set_random_seed(6)
+    model = keras.Sequential(
+        [
+            keras.Input((12, 12, 3)),
+            L.SeparableConv2D(8, 3, depth_multiplier=2, padding="same", activation="relu"),
+            L.SeparableConv2D(6, 3, strides=2, use_bias=False),
+            L.BatchNormalization(),
+            L.ReLU(),
+            L.Flatten(),
+            L.Dense(5),
+        ]
+    )
+    _randomize_batch_norm(model, seed=7)
+    x = _images()
+    qmodel, found = _export(model, x)
+    kinds = [type(layer).__name__ for layer in qmodel.layers]
+    assert kinds.count("QuantDepthwiseConv2D") == 2 and kinds.count("QuantConv2D") == 2
+    _exact(found)
+    # The rewrite itself computes what the float model computes.
+    rewritten = quantize_module._flattened(model)
+    np.testing.assert_allclose(
+        rewritten.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-4, atol=1e-4
+    )
+
+
 def test_reshaped_head_gets_its_output_grid():
     """MobileNet's head: a 1x1 convolution on pooled features, then Reshape."""
     keras.utils.set_random_seed(4)
@@ -175,6 +202,70 @@ def test_concatenate_shares_one_grid(scheme, tmp_path):
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0))
 
 
+def _average_pool_reference(codes, window, stride):
+    """TFLite's int8 AVERAGE_POOL_2D with SAME padding, one loop per output."""
+    _, height, width, _ = codes.shape
+    out_h, out_w = -(-height // stride), -(-width // stride)
+    top = max((out_h - 1) * stride + window - height, 0) // 2
+    left = max((out_w - 1) * stride + window - width, 0) // 2
+    out = np.zeros((codes.shape[0], out_h, out_w, codes.shape[3]), np.int64)
+    for i in range(out_h):
+        for j in range(out_w):
+            r0, c0 = i * stride - top, j * stride - left
+            rows = slice(max(r0, 0), min(r0 + window, height))
+            cols = slice(max(c0, 0), min(c0 + window, width))
+            block = codes[:, rows, cols, :].astype(np.int64)
+            total, count = block.sum(axis=(1, 2)), block.shape[1] * block.shape[2]
+            # C integer division truncates: ties round away from zero.
+            rounded = np.where(
+                total >= 0, (total + count // 2) // count, -((-total + count // 2) // count)
+            )
+            out[:, i, j, :] = np.clip(rounded, -128, 127)
+    return out
+
+
+@pytest.mark.parametrize("window,stride", [(3, 1), (2, 2), (3, 2)])
+def test_padded_average_pooling_rounds_like_the_kernel(window, stride):
+    rng = np.random.default_rng(window * 10 + stride)
+    scale, zero_point, offset = 0.05, -3, 0.1
+    codes = rng.integers(-128, 128, (4, 7, 7, 3))
+    x = (offset + scale * (codes - zero_point)).astype(np.float32)
+    layer = QuantAveragePooling2D(pool_size=window, strides=stride, padding="same")
+    layer.set_requantization({"scale": scale, "zero_point": zero_point, "offset": offset})
+    got = np.round((np.asarray(layer(x)) - offset) / scale).astype(np.int64) + zero_point
+    np.testing.assert_array_equal(got, _average_pool_reference(codes, window, stride))
+    # Training averages in float.
+    float_mean = keras.layers.AveragePooling2D(window, stride, padding="same")(x)
+    np.testing.assert_allclose(layer(x, training=True), float_mean, rtol=1e-6)
+
+
+def test_per_layer_schemes():
+    inputs = keras.Input((10, 10, 3))
+    x = L.Conv2D(4, 3, activation="relu", name="stem")(inputs)
+    x = L.Conv2D(4, 3, name="block1_conv")(x)
+    x = L.ReLU(name="block1_relu")(x)
+    x = L.Conv2D(4, 3, activation="relu", name="block2_conv")(x)
+    model = keras.Model(inputs, L.Dense(5, name="head")(L.Flatten()(x)))
+    qmodel = tfquant.quantize_model(
+        model,
+        "lsq_w4a4",
+        layers={"block1_.*": "8bit", "block2_conv": {"weight_bits": 3}, "head": "lsq_w4a4"},
+    )
+
+    def weight_bits(name):
+        return qmodel.get_layer(name).kernel_quantizer.inference_form().bits
+
+    assert weight_bits("stem") == 8  # the first layer keeps the scheme's 8 bits
+    assert weight_bits("block1_conv") == 8
+    assert qmodel.get_layer("block1_relu").quantizer.inference_form().bits == 8
+    assert weight_bits("block2_conv") == 3
+    assert weight_bits("head") == 4  # named: its own scheme, not the last layer's 8 bits
+    with pytest.raises(ValueError, match="'block9' matches no layer"):
+        tfquant.quantize_model(model, "lsq_w4a4", layers={"block9": "8bit"})
+    with pytest.raises(ValueError, match="layers\\['stem'\\]: unknown scheme field"):
+        tfquant.quantize_model(model, "lsq_w4a4", layers={"stem": {"bitz": 3}})
+
+
 def test_unsupported_layer_is_named_at_quantize_time():
     inputs = keras.Input((8, 8, 3))
     x = L.Conv2D(4, 3)(inputs)
@@ -195,13 +286,21 @@ def _application(name, size):
     )
 
 
+# The smallest input each family takes.
+_SIZES = {"InceptionV3": 75}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["MobileNet", "MobileNetV2", "ResNet50V2", "DenseNet121"])
+@pytest.mark.parametrize(
+    "name",
+    ["MobileNet", "MobileNetV2", "ResNet50V2", "DenseNet121", "InceptionV3", "NASNetMobile"],
+)
 @pytest.mark.parametrize("scheme", ["lsq_w8a8", "lsq_w4a4"])
 def test_application_exports_code_for_code(name, scheme):
     keras.utils.set_random_seed(5)
-    model = _application(name, 32)
-    x = _images(count=64, size=32)
+    size = _SIZES.get(name, 32)
+    model = _application(name, size)
+    x = _images(count=64, size=size)
     tfquant.reestimate_batch_norm(model, x)
     _, found = _export(model, x, scheme)
     assert found["top1_agreement"] == 1.0, found

@@ -2,8 +2,9 @@
 
 Each graph is a random chain of Conv2D / DepthwiseConv2D (with or without
 BatchNormalization), residual blocks (Add), ReLU or ReLU6, BatchNormalization
-that follows no kernel (pre-activation, or alone), max and average pooling
-and a Dense head (SAME average pooling only where its windows tile the input), with
+that follows no kernel (pre-activation, or alone), concatenations, a result
+read by two layers, max and average pooling
+and a Dense head (average pooling 2x2, or 3x3 stride 1 SAME as in Inception), with
 random weights, BatchNorm statistics, bit widths (2..8) and
 weight storage (INT4 where the bits allow, else INT8). It is quantized with
 `quantize_model`, exported and verified with LiteRT's default runtime on this
@@ -29,17 +30,38 @@ def _random_model(rng: np.random.Generator) -> keras.Model:
     x = inputs
     for _ in range(int(rng.integers(2, 6))):
         kind = rng.choice(
-            ["conv", "depthwise", "residual", "maxpool", "avgpool", "preact", "affine"]
+            [
+                "conv",
+                "depthwise",
+                "residual",
+                "maxpool",
+                "avgpool",
+                "preact",
+                "affine",
+                "branch",
+                "concat",
+            ]
         )
         relu = L.ReLU(6.0) if rng.integers(2) else L.ReLU()
         spatial = int(x.shape[1])
         if kind in ("maxpool", "avgpool") and spatial >= 4:
-            # SAME average pooling whose edge windows reach into the padding
-            # exports as AVERAGE_POOL_2D, which is not exact (docs/EXPORT.md).
-            padding = rng.choice(["valid", "same"])
-            padding = "valid" if kind == "avgpool" and spatial % 2 else padding
+            padding = str(rng.choice(["valid", "same"]))
+            if kind == "avgpool" and rng.integers(2):
+                # Windows that reach into the padding: AVERAGE_POOL_2D.
+                x = L.AveragePooling2D(3, strides=1, padding="same")(x)
+                continue
             pool = L.MaxPooling2D if kind == "maxpool" else L.AveragePooling2D
-            x = pool(2, padding=str(padding))(x)
+            x = pool(2, padding=padding)(x)
+            continue
+        if kind == "branch":
+            # One result read by two layers: it gets one grid.
+            y = L.Conv2D(int(x.shape[-1]), 1)(x)
+            y = L.BatchNormalization()(y) if rng.integers(2) else y
+            x = L.Add()([relu(y), L.MaxPooling2D(3, strides=1, padding="same")(y)])
+            continue
+        if kind == "concat":
+            y = relu(L.Conv2D(int(rng.integers(2, 6)), 3, padding="same")(x))
+            x = L.Concatenate()([x, y] if rng.integers(2) else [y, x, y])
             continue
         if kind in ("preact", "affine"):
             x = L.BatchNormalization()(x)

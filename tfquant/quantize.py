@@ -12,6 +12,8 @@ the error of the quantizers before it.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import warnings
 from typing import Any
 
@@ -23,11 +25,13 @@ from tfquant import graph, quantizers
 from tfquant.layers import (
     QuantActivation,
     QuantAdd,
+    QuantAveragePooling2D,
     QuantConcatenate,
     QuantConv2D,
     QuantDense,
     QuantDepthwiseConv2D,
 )
+from tfquant.layers.quant_layers import window_reaches_padding
 from tfquant.schemes import Scheme
 
 _L = keras.layers
@@ -50,6 +54,7 @@ _SUPPORTED = (
     _L.InputLayer,
     _L.Conv2D,
     _L.DepthwiseConv2D,
+    _L.SeparableConv2D,
     _L.Dense,
     _L.BatchNormalization,
     _L.Rescaling,
@@ -64,6 +69,14 @@ _SUPPORTED = (
 # Per-channel x * a + b layers; Rescaling and Normalization become a
 # BatchNormalization with fixed statistics, which the exporter lowers.
 _AFFINE = (_L.BatchNormalization, _L.Rescaling, _L.Normalization)
+# Layers whose result an integer kernel computes (a BatchNormalization is
+# folded into one, or is one).
+_INTEGER_PRODUCERS = (
+    QuantConv2D,
+    QuantDepthwiseConv2D,
+    QuantDense,
+    _L.BatchNormalization,
+)
 _HEAD_PASSING = (_L.Reshape, _L.Flatten, _L.Dropout, _L.Activation)
 _POOLING = (
     _L.MaxPooling2D,
@@ -78,6 +91,7 @@ _QUANT_LAYERS = (
     QuantActivation,
     QuantAdd,
     QuantConcatenate,
+    QuantAveragePooling2D,
 )
 
 
@@ -86,6 +100,7 @@ def quantize_model(
     scheme: Any = "qil_w4a4",
     calibration_data=None,
     calibration_samples: int = 512,
+    layers: dict[str, Any] | None = None,
 ) -> keras.Model:
     """Converts a trained float model into a quantized model.
 
@@ -100,6 +115,15 @@ def quantize_model(
         inputs or (input, label) pairs) used to initialize the activation
         quantizers. Without it they keep their default ranges.
       calibration_samples: how many samples of `calibration_data` to use.
+      layers: per-layer schemes, `{name or regular expression: scheme}`,
+        for the layers whose name equals or fully matches the key (the first
+        matching key wins): "8bit" (the scheme at 8 bits), a preset name or
+        `Scheme`, or a dict of the Scheme fields to change. A layer named
+        this way gets exactly its scheme's bits, also when it is the first or
+        last layer. A kernel layer's scheme sets its weights and the
+        activation fused into it; a ReLU layer's, that activation. Name
+        both to keep, say, a sensitive block at 8 bits:
+        `layers={"block1_.*": "8bit"}`.
 
     Returns:
       A new functional model; the float model is left untouched.
@@ -119,7 +143,7 @@ def quantize_model(
     scheme = Scheme.from_any(scheme)
     functional = _flattened(_as_functional(model))
     model_graph = _ModelGraph(functional)
-    builder = _Builder(scheme, model_graph)
+    builder = _Builder(scheme, model_graph, _LayerSchemes(scheme, layers, functional))
     qmodel = keras.models.clone_model(
         functional, clone_function=builder.clone, call_function=builder.call
     )
@@ -160,9 +184,10 @@ def _as_functional(model) -> keras.Model:
 def _flattened(model: keras.Model) -> keras.Model:
     """`model` with every nested model (a base model inside a head, a
     Sequential block) replaced by its layers, so that each is quantized as
-    if it had been written inline. Nested layers are copies with the same
+    if it had been written inline, and each SeparableConv2D by its
+    DepthwiseConv2D and 1x1 Conv2D. Nested layers are copies with the same
     weights; a layer used several times stays one layer."""
-    if not any(isinstance(layer, keras.Model) for layer in model.layers):
+    if not any(isinstance(layer, (keras.Model, _L.SeparableConv2D)) for layer in model.layers):
         return model
     copies: dict[int, Any] = {}
 
@@ -170,6 +195,37 @@ def _flattened(model: keras.Model) -> keras.Model:
         if id(layer) not in copies:
             copies[id(layer)] = layer.__class__.from_config(layer.get_config())
         return copies[id(layer)]
+
+    def separable(layer, x):
+        """SeparableConv2D as what it computes: DepthwiseConv2D, then Conv2D 1x1."""
+        if id(layer) not in copies:
+            config = layer.get_config()
+            depthwise = _L.DepthwiseConv2D(
+                config["kernel_size"],
+                strides=config["strides"],
+                padding=config["padding"],
+                depth_multiplier=config["depth_multiplier"],
+                dilation_rate=config["dilation_rate"],
+                use_bias=False,
+                name=f"{layer.name}_depthwise",
+            )
+            pointwise = _L.Conv2D(
+                config["filters"],
+                1,
+                activation=config["activation"],
+                use_bias=config["use_bias"],
+                name=layer.name,
+            )
+            copies[id(layer)] = (depthwise, pointwise)
+        depthwise, pointwise = copies[id(layer)]
+        fresh = not depthwise.built
+        y = pointwise(depthwise(x))
+        if fresh:
+            depthwise.set_weights([layer.depthwise_kernel.numpy()])
+            pointwise.set_weights(
+                [layer.pointwise_kernel.numpy()] + ([layer.bias.numpy()] if layer.use_bias else [])
+            )
+        return y
 
     def run(inner, tensors):
         inner = _as_functional(inner)
@@ -180,6 +236,12 @@ def _flattened(model: keras.Model) -> keras.Model:
             args, kwargs = node.arguments.fill_in(values)
             if isinstance(operation, keras.Model):
                 outputs = run(operation, tf.nest.flatten((args, kwargs.pop("inputs", ()))))
+            elif isinstance(operation, _L.SeparableConv2D):
+                if operation.data_format != "channels_last":
+                    raise ValueError(
+                        f"layer {operation.name!r}: only channels_last SeparableConv2D is supported"
+                    )
+                outputs = separable(operation, args[0])
             else:
                 layer = copy_of(operation)
                 fresh = not layer.built
@@ -249,12 +311,21 @@ class _ModelGraph:
                 following = consumers.get(id(layer), [])
                 if len(following) == 1 and _activation_name(following[0]) in _RELU_ACTIVATIONS:
                     self.followed_by_relu.add(id(layer))
+        self.consumers = consumers
         kernel_layers = [
             layer for layer in model.layers if isinstance(layer, tuple(_KERNEL_LAYERS))
         ]
         if not kernel_layers:
             raise ValueError(f"model {model.name!r} has no Conv2D, DepthwiseConv2D or Dense layer")
         self.first, self.last = kernel_layers[0], kernel_layers[-1]
+
+    def reads_shared(self, layer) -> bool:
+        """Whether `layer` reads a tensor that other layers read too."""
+        if layer is None or not layer._inbound_nodes:
+            return False
+        tensors = layer._inbound_nodes[0].input_tensors
+        producer = graph.producer(tensors[0]) if tensors else None
+        return len(self.consumers.get(id(producer), [])) > 1
 
 
 _RELU_ACTIVATIONS = ("relu", "relu6")
@@ -293,16 +364,63 @@ def _describe(layer) -> str:
     return ""
 
 
+class _LayerSchemes:
+    """`quantize_model`'s `layers=`: the scheme of each layer by its name."""
+
+    def __init__(self, scheme: Scheme, layers: dict | None, model: keras.Model):
+        self.default = scheme
+        self.rules = []
+        if layers is None:
+            return
+        if not isinstance(layers, dict):
+            raise ValueError(f"layers must be a dict {{name or regex: scheme}}, got {layers!r}")
+        names = [layer.name for layer in model.layers]
+        for pattern, value in layers.items():
+            try:
+                regex = re.compile(pattern)
+            except (re.error, TypeError) as error:
+                raise ValueError(
+                    f"layers key {pattern!r} is not a regular expression: {error}"
+                ) from None
+            if not any(name == pattern or regex.fullmatch(name) for name in names):
+                raise ValueError(f"layers key {pattern!r} matches no layer of {model.name!r}")
+            self.rules.append((pattern, regex, self._resolve(pattern, value)))
+
+    def _resolve(self, pattern, value) -> Scheme:
+        try:
+            if isinstance(value, str) and value.lower() == "8bit":
+                return dataclasses.replace(self.default, bits=8, weight_bits=8, activation_bits=8)
+            if isinstance(value, dict):
+                fields = {field.name for field in dataclasses.fields(Scheme)}
+                unknown = sorted(set(value) - fields)
+                if unknown:
+                    raise ValueError(f"unknown scheme field(s) {unknown}")
+                return dataclasses.replace(self.default, **value)
+            return Scheme.from_any(value)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"layers[{pattern!r}]: {error}") from None
+
+    def get(self, layer) -> Scheme | None:
+        """The scheme named for `layer`, or None."""
+        name = layer.name
+        for pattern, regex, scheme in self.rules:
+            if name == pattern or regex.fullmatch(name):
+                return scheme
+        return None
+
+
 class _Builder:
     """The clone and call functions for `keras.models.clone_model`."""
 
-    def __init__(self, scheme: Scheme, model_graph: _ModelGraph):
+    def __init__(self, scheme: Scheme, model_graph: _ModelGraph, schemes: _LayerSchemes):
         self.scheme = scheme
+        self.schemes = schemes
         self.graph = model_graph
         self.old_for_new: dict[int, Any] = {}
         self.pairs: list[tuple[Any, Any]] = []
         self.inline_activation: dict[int, str] = {}
         self.on_grid: set[int] = set()
+        self.requantized: dict[int, Any] = {}
         self.activation_quantizers: list[tuple[quantizers.Quantizer, Any]] = []
 
     # -- quantizer factories
@@ -331,6 +449,16 @@ class _Builder:
         layer = QuantActivation("linear", quantizer=self._requantizer())
         return self._call_activation(layer, tensor)
 
+    def _grid(self, tensor):
+        """`tensor` on a grid: itself where it is on one, else one 8-bit
+        requantization shared by all its readers (the integer op that
+        computes it writes one int8 tensor, on one grid)."""
+        if id(tensor) in self.on_grid:
+            return tensor
+        if id(tensor) not in self.requantized:
+            self.requantized[id(tensor)] = self._requantize(tensor)
+        return self.requantized[id(tensor)]
+
     def _call_activation(self, layer, tensor):
         self.activation_quantizers.append((layer.quantizer, tensor))
         out = layer(tensor)
@@ -339,15 +467,17 @@ class _Builder:
 
     # -- clone_function
     def clone(self, layer):
-        scheme = self.scheme
+        named = self.schemes.get(layer)
+        scheme = named or self.scheme
         quant_class = next((q for f, q in _KERNEL_LAYERS.items() if type(layer) is f), None)
         if quant_class is not None:
             config = layer.get_config()
             config["activation"] = "linear"
             bits = scheme.resolved_weight_bits
-            first_last = bool(scheme.first_last_bits) and layer in (
-                self.graph.first,
-                self.graph.last,
+            first_last = (
+                named is None
+                and bool(scheme.first_last_bits)
+                and layer in (self.graph.first, self.graph.last)
             )
             if first_last:
                 bits = scheme.first_last_bits
@@ -360,6 +490,8 @@ class _Builder:
             new = _L.BatchNormalization(name=layer.name, trainable=False)
         elif type(layer) is _L.Add:
             new = QuantAdd(quantizer=self._requantizer(), **layer.get_config())
+        elif type(layer) is _L.AveragePooling2D and _reaches_padding(layer):
+            new = QuantAveragePooling2D(**layer.get_config())
         elif type(layer) is _L.Concatenate:
             new = QuantConcatenate(quantizer=self._requantizer(), **layer.get_config())
         elif _activation_name(layer) in _RELU_ACTIVATIONS:
@@ -376,16 +508,25 @@ class _Builder:
     # -- call_function
     def call(self, layer, *args, **kwargs):
         old = self.old_for_new.get(id(layer))
+        if args and not isinstance(args[0], (list, tuple)) and self.graph.reads_shared(old):
+            args = (self._grid(args[0]), *args[1:])
         if isinstance(layer, (QuantConv2D, QuantDepthwiseConv2D, QuantDense)):
             x = args[0]
+            producer = graph.producer(x)
+            if isinstance(producer, _INTEGER_PRODUCERS):
+                # Its own quantizer after the op that computes `x`, where the
+                # exporter makes inference round as that op (an input
+                # quantizer rounds in float).
+                x = self._grid(x)
             if id(x) not in self.on_grid:
                 layer.input_quantizer = self._requantizer()
                 self.activation_quantizers.append((layer.input_quantizer, x))
             out = layer(x, *args[1:], **kwargs)
             inline = self.inline_activation[id(layer)]
             if inline in _RELU_ACTIVATIONS:
+                scheme = self.schemes.get(old) or self.scheme
                 quantizer = self._quantizer(
-                    self.scheme.activations, self.scheme.resolved_activation_bits, signed=False
+                    scheme.activations, scheme.resolved_activation_bits, signed=False
                 )
                 out = self._call_activation(QuantActivation(inline, quantizer=quantizer), out)
             elif inline == "softmax":
@@ -398,7 +539,7 @@ class _Builder:
         if isinstance(layer, QuantActivation):
             return self._call_activation(layer, args[0])
         if isinstance(layer, (QuantAdd, QuantConcatenate)):
-            inputs = [t if id(t) in self.on_grid else self._requantize(t) for t in args[0]]
+            inputs = [self._grid(t) for t in args[0]]
             # The sum always gets its own 8-bit grid (QuantAdd's quantizer),
             # also before a ReLU's quantizer: it gives an offset (QIL's c - d)
             # somewhere to go (an Add has no bias), and the integer ADD's
@@ -410,17 +551,18 @@ class _Builder:
         if id(old) in self.graph.affine:
             # Integer x * a + b per channel: it reads a grid and its result
             # gets one (the ReLU's quantizer that follows, or an 8-bit one).
-            x = args[0] if id(args[0]) in self.on_grid else self._requantize(args[0])
-            out = layer(x, *args[1:], **kwargs)
+            out = layer(self._grid(args[0]), *args[1:], **kwargs)
             if id(old) not in self.graph.followed_by_relu:
                 out = self._requantize(out)
             return out
         if isinstance(layer, _POOLING) and id(args[0]) not in self.on_grid:
             # In the integer file a pooling reads int8: its input needs a grid
             # (an average is lowered to a convolution, which needs one too).
-            args = (self._requantize(args[0]), *args[1:])
+            args = (self._grid(args[0]), *args[1:])
         out = layer(*args, **kwargs)
-        if isinstance(layer, _GRID_PRESERVING) and args and id(args[0]) in self.on_grid:
+        # A QuantAveragePooling2D rounds onto its input's grid.
+        grid_kept = _GRID_PRESERVING + (QuantAveragePooling2D,)
+        if isinstance(layer, grid_kept) and args and id(args[0]) in self.on_grid:
             self.on_grid.add(id(out))
         return out
 
@@ -479,6 +621,13 @@ class _Builder:
                     values.pop(id(tensor), None)  # free what no later node reads
             for tensor, value in zip(node.outputs, tf.nest.flatten(outputs), strict=True):
                 computed(tensor, value)
+
+
+def _reaches_padding(layer) -> bool:
+    shape = layer._inbound_nodes[0].input_tensors[0].shape
+    return layer.data_format == "channels_last" and window_reaches_padding(
+        layer.pool_size, layer.strides, layer.padding, shape[1:3]
+    )
 
 
 def _affine_as_batch_norm(layer, batch_norm) -> list[np.ndarray]:

@@ -3,6 +3,7 @@
 from tfquant.layers.quant_layers import (
     QuantActivation,
     QuantAdd,
+    QuantAveragePooling2D,
     QuantConcatenate,
     QuantConv2D,
     QuantDense,
@@ -12,6 +13,7 @@ from tfquant.layers.quant_layers import (
 __all__ = [
     "QuantActivation",
     "QuantAdd",
+    "QuantAveragePooling2D",
     "QuantConcatenate",
     "QuantConv2D",
     "QuantDense",

@@ -36,6 +36,7 @@ from tfquant import graph
 from tfquant.layers import (
     QuantActivation,
     QuantAdd,
+    QuantAveragePooling2D,
     QuantConcatenate,
     QuantConv2D,
     QuantDense,
@@ -266,7 +267,9 @@ def integer_producers(model: keras.Model) -> list[tuple]:
     the kernel layer; or by the identity convolution between two quantizers
     in a row, named after the activation), "add" (a QuantAdd) or "input" (a
     kernel layer's input quantizer fed by an average pooling, which lowers
-    to a depthwise convolution named after the pooling layer), or the index
+    to a depthwise convolution named after the pooling layer), "identity" (a
+    QuantActivation right after another quantizer: an identity convolution
+    named after it), "pool" (a QuantAveragePooling2D), or the index
     of a QuantConcatenate's input that an identity convolution moves onto
     its grid (named `concat_input_scope`)."""
     _, order, consumers = _prepare(model)
@@ -276,18 +279,22 @@ def integer_producers(model: keras.Model) -> list[tuple]:
         for layer, activation in plan.kernel_for_activation.values()
     ]
     for operation, node in order:
+        if isinstance(operation, QuantAveragePooling2D):
+            found.append((operation, operation.name, "pool"))
+            continue
         for index, offset in enumerate(plan.concat_inputs.get(id(operation), ())):
             if offset is not None:
                 found.append((operation, concat_input_scope(operation, index), index))
         if id(operation) in plan.after_quantizer:
-            found.append((operation, operation.name, "activation"))
+            found.append((operation, operation.name, "identity"))
         elif isinstance(operation, QuantAdd):
             found.append((operation, operation.name, "add"))
         elif isinstance(operation, (*_KERNEL_LAYERS, QuantActivation)):
             if isinstance(operation, _KERNEL_LAYERS) and operation.input_quantizer is None:
                 continue
             producer = _upstream(node.input_tensors[0], _SHAPE_ONLY)
-            if isinstance(producer, (_L.GlobalAveragePooling2D, _L.AveragePooling2D)):
+            averaging = (_L.GlobalAveragePooling2D, _L.AveragePooling2D)
+            if isinstance(producer, averaging) and not isinstance(producer, QuantAveragePooling2D):
                 what = "input" if isinstance(operation, _KERNEL_LAYERS) else "activation"
                 found.append((operation, producer.name, what))
     return found
@@ -303,14 +310,25 @@ class _Plan:
         self.reports: list[LayerReport] = []
         self.activation_forms: dict[int, InferenceForm] = {}
         self.int4_weights = True
-        self.after_quantizer: set[int] = set()
+        # QuantActivations right after another quantizer, with their site number.
+        self.after_quantizer: dict[int, int] = {}
         self.bias_shifts: dict[int, tuple] = {}
         self.kernel_for_activation: dict[int, tuple] = {}
         self.affines: dict[int, tuple] = {}
         # Per QuantConcatenate, per input: None (already on its grid) or
         # (offset to subtract while moving it onto the grid, site number).
         self.concat_inputs: dict[int, list] = {}
-        self.identity_sites = 0
+        self.identity_reads: dict[int, int] = {}
+
+    def identity_site(self, tensor) -> int:
+        """0, 1, 2, ... for successive identity convolutions reading `tensor`."""
+        while isinstance(graph.producer(tensor), _PASS_THROUGH):
+            tensor = graph.producer(tensor)._inbound_nodes[0].input_tensors[0]
+        site = self.identity_reads.get(id(tensor), 0)
+        if site >= 64:
+            raise ExportError("more than 64 quantizers read one tensor straight from another")
+        self.identity_reads[id(tensor)] = site + 1
+        return site
 
     def emit(self, operation, args):
         key = id(operation)
@@ -324,6 +342,15 @@ class _Plan:
             return self._emit_activation(operation, args[0])
         if isinstance(operation, QuantConcatenate):
             return self._emit_concatenate(operation, args)
+        if isinstance(operation, QuantAveragePooling2D):
+            # AVERAGE_POOL_2D keeps its input's grid (the layer rounds so).
+            form = _upstream_form(self, operation)
+            where = f"layer {operation.name!r}"
+            x = _fake_quant_activation(args[0], form, where)
+            y = tf.nn.avg_pool2d(
+                x, operation.pool_size, operation.strides, operation.padding.upper()
+            )
+            return _fake_quant_activation(y, form, where)
         if isinstance(operation, QuantAdd):
             form = self.activation_forms[id(operation)]
             y = _emit_plain(operation, args)
@@ -386,7 +413,7 @@ class _Plan:
         if id(layer) in self.after_quantizer:
             # Two quantizers in a row: the converter would keep only the
             # second grid, so the first one's rounding gets its own op.
-            x = _requantize_through_identity(x, form.offset)
+            x = _requantize_through_identity(x, form.offset, self.after_quantizer[id(layer)])
         elif form.offset and id(layer) not in self.folded_offsets:
             x = x - form.offset
         if layer.activation_name in ("relu", "relu6"):
@@ -470,11 +497,13 @@ def _requantize_through_identity(x, offset, site: int = 0):
     and holds the offset in its bias (int32 at 1/127 of the input step).
     """
     channels = int(x.shape[-1])
-    # The converter merges identical ops on one tensor (one tensor moved onto
-    # two concatenations' grids), and the merged op cannot have two output
-    # grids: the weight 1 is the int8 code c at scale 1/c, c = 127, 126, ...
-    # by `site`.
-    code = 127 - site % 64
+    # The converter merges identical ops on one tensor, and a merged op
+    # cannot keep two output grids (it falls back to float): each `site`
+    # (numbered per tensor) quantizes the weight 1 with another range, which
+    # keeps the ops apart until they are quantized (the file then stores each
+    # weight as code 127 at scale 1/127). Ops onto equal grids may still be
+    # merged, which changes nothing they compute.
+    code = 127 - site
     kernel = tf.quantization.fake_quant_with_min_max_vars(
         tf.ones((1, 1, channels, 1)), -127 / code, 127 / code, num_bits=8, narrow_range=True
     )
@@ -540,6 +569,7 @@ def _window_average(x, window, strides):
 _SHAPE_ONLY = (_L.Flatten, _L.Reshape, *_PASS_THROUGH)
 
 _GRID_KEEPING = (
+    QuantAveragePooling2D,
     _L.MaxPooling2D,
     _L.GlobalMaxPooling2D,
     _L.Flatten,
@@ -597,7 +627,7 @@ def _plan(order, consumers, int4_weights: bool) -> _Plan:
                 ]
             producer = graph.producer(node.input_tensors[0])
             if isinstance(operation, QuantActivation) and isinstance(producer, _QUANTIZING):
-                plan.after_quantizer.add(id(operation))
+                plan.after_quantizer[id(operation)] = plan.identity_site(node.input_tensors[0])
             plan.reports.append(
                 LayerReport(
                     name=operation.name,
@@ -681,8 +711,32 @@ def _concat_input_offset(plan: _Plan, layer, tensor, form: InferenceForm) -> flo
     )
     if same:
         return None
-    plan.identity_sites += 1
-    return float(form.offset) - float(source.offset), plan.identity_sites
+    return float(form.offset) - float(source.offset), plan.identity_site(tensor)
+
+
+def _upstream_form(plan: _Plan, layer) -> InferenceForm:
+    """The form of the quantizer whose grid `layer`'s input is on."""
+    upstream = _upstream(layer._inbound_nodes[0].input_tensors[0], _GRID_KEEPING)
+    if not isinstance(upstream, _QUANTIZING):
+        raise ExportError(
+            f"layer {layer.name!r}: its input is on no quantizer's grid (it comes from "
+            f"{upstream.name!r}); tfquant.quantize_model places one"
+        )
+    return plan.activation_forms[id(upstream)]
+
+
+def input_grid(layer, index: int = 0) -> dict:
+    """The int8 grid of `layer`'s input `index`, {scale, zero_point, offset}:
+    that of the quantizer upstream (through layers that keep the grid)."""
+    upstream = _upstream(layer._inbound_nodes[0].input_tensors[index], _GRID_KEEPING)
+    if not isinstance(upstream, _QUANTIZING):
+        raise ExportError(f"layer {layer.name!r}: its input is on no quantizer's grid")
+    form = upstream.quantizer.inference_form()
+    return {
+        "scale": float(np.ravel(form.scale)[0]),
+        "zero_point": int8_zero_point(form),
+        "offset": float(form.offset),
+    }
 
 
 def _input_scale(plan: _Plan, node) -> float | None:
@@ -740,12 +794,22 @@ def _plan_kernel(plan: _Plan, layer, node, consumers):
         codes, scale, mapping_errors = _nearest_int8_codes(form, quantized, layer, channels, where)
         storage_bits = 8
     channel_scale = np.broadcast_to(scale.reshape(-1), (channels,)).astype(np.float64).copy()
+    # An INT4 fully connected layer runs in XNNPACK (exact, the same on every
+    # CPU) only with an even input depth. TFLite's own INT4 kernel, which runs
+    # it otherwise, is not emulated: measured on x86, values 15/32 of a step
+    # above a code rounded up, as if its multiplier had 16 bits. Such a layer
+    # (a small head) keeps its codes in INT8.
+    int4 = (
+        storage_bits <= 4
+        and plan.int4_weights
+        and not (isinstance(layer, QuantDense) and kernel.shape[0] % 2)
+    )
     bias = np.asarray(layer.bias.numpy(), np.float64) if layer.use_bias else np.zeros(channels)
     report = LayerReport(
         name=layer.name,
         kind=type(layer).__name__,
         weight_bits=form.bits,
-        weight_storage="INT4" if storage_bits <= 4 and plan.int4_weights else "INT8",
+        weight_storage="INT4" if int4 else "INT8",
         codes=codes,
     )
     if mapping_errors is not None:
@@ -777,7 +841,7 @@ def _plan_kernel(plan: _Plan, layer, node, consumers):
             plan.folded_offsets.add(id(follower))
             report.folded_offset = float(offset)
 
-    q_max = 7 if storage_bits <= 4 and plan.int4_weights else 127
+    q_max = 7 if int4 else 127
     magnitude = np.maximum(np.abs(channel_scale), 1e-30)
     if isinstance(layer, QuantDense):
         if not np.allclose(magnitude, magnitude[0], rtol=1e-6):

@@ -20,9 +20,13 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from tfquant.layers import QuantActivation, QuantAdd, QuantConcatenate
+from tfquant.layers import (
+    QuantActivation,
+    QuantAdd,
+    QuantConcatenate,
+)
 from tfquant.lite import inspect as lite_inspect
-from tfquant.lite.lower import TARGETS, ExportError, integer_producers
+from tfquant.lite.lower import TARGETS, ExportError, input_grid, integer_producers
 from tfquant.ops import requantize as requantize_ops
 
 _KERNEL_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
@@ -103,15 +107,22 @@ def match_integer_kernels(
     chosen = {}
     concatenations: dict[str, tuple] = {}
     for layer, scope, what in integer_producers(model):
+        if what == "pool":  # a QuantAveragePooling2D: AVERAGE_POOL_2D on its input's grid
+            layer.set_requantization(input_grid(layer))
+            chosen[layer.name] = "pool"
+            continue
         if isinstance(what, int):  # input `what` of a QuantConcatenate
             form = layer.quantizer.inference_form()
-            op = _op_computing(ops, scope, float(np.ravel(form.scale)[0]), layer)
+            step = float(np.ravel(form.scale)[0])
+            op = _op_computing(ops, scope, step, layer, source=input_grid(layer, what)["scale"])
             specs = concatenations.setdefault(layer.name, (layer, {}))[1]
             specs[what] = _kernel_spec(op, target, float(form.offset))
             continue
         quantizer = layer.input_quantizer if what == "input" else layer.quantizer
         form = quantizer.inference_form()
-        op = _op_computing(ops, scope, float(np.ravel(form.scale)[0]), layer, what != "input")
+        source = input_grid(layer)["scale"] if what == "identity" else None
+        step = float(np.ravel(form.scale)[0])
+        op = _op_computing(ops, scope, step, layer, what != "input", source)
         if op is None:
             continue  # a pooling the file keeps as AVERAGE_POOL_2D: rounded in float
         if what == "add":
@@ -180,13 +191,34 @@ def _kernel_spec(op: dict, target: str, offset: float) -> dict:
 
 
 def _op_computing(
-    ops: list[dict], scope: str, step: float, layer, required: bool = True
+    ops: list[dict],
+    scope: str,
+    step: float,
+    layer,
+    required: bool = True,
+    source: float | None = None,
 ) -> dict | None:
+    """The op of the file named after `scope` whose output step is `step`.
+
+    With `source` (the input step of an identity convolution between two
+    grids): the converter merges identical ops on one tensor, so another
+    identity convolution from a `source` grid onto a `step` grid computes
+    the same and stands in for a merged one.
+    """
     candidates = [
         op
         for op in ops
         if scope in _scopes(op["output_name"]) and np.isclose(op["output_scale"], step, rtol=1e-5)
     ]
+    if not candidates and source is not None:
+        candidates = [
+            op
+            for op in ops
+            if op["op"] == "DEPTHWISE_CONV_2D"
+            and np.isclose(op["output_scale"], step, rtol=1e-6)
+            and np.isclose(op["input_scales"][0], source, rtol=1e-6)
+            and np.allclose(op["weight_scales"], 1 / 127, rtol=1e-6)
+        ][:1]
     if not candidates and not required:
         return None
     if len(candidates) != 1:

@@ -271,7 +271,8 @@ def compare_layers(keras_model, content: bytes, x: np.ndarray) -> list[dict]:
     """Each activation quantizer's codes in Keras against the file's tensor.
 
     Runs both models on `x` (keep it small: the interpreter holds every
-    intermediate tensor) and, for each `QuantActivation` and `QuantAdd`, finds the int8
+    intermediate tensor) and, for each `QuantActivation`, `QuantAdd`,
+    `QuantConcatenate` and (exported) `QuantAveragePooling2D`, finds the int8
     tensor of the file on the same grid (by the layer's name, else by size and
     scale). Where codes first differ, and how the difference grows with depth,
     points at the layer to look at.
@@ -284,11 +285,16 @@ def compare_layers(keras_model, content: bytes, x: np.ndarray) -> list[dict]:
     import keras
     from ai_edge_litert.interpreter import Interpreter
 
-    from tfquant.layers import QuantActivation, QuantAdd
+    from tfquant.layers import QuantActivation, QuantAdd, QuantAveragePooling2D, QuantConcatenate
 
-    layers = [
-        layer for layer in keras_model.layers if isinstance(layer, (QuantActivation, QuantAdd))
-    ]
+    def grid_step(layer) -> float | None:
+        if isinstance(layer, (QuantActivation, QuantAdd, QuantConcatenate)):
+            return float(np.ravel(layer.quantizer.inference_form().scale)[0])
+        if isinstance(layer, QuantAveragePooling2D) and layer.requantization is not None:
+            return layer.requantization["scale"]  # it keeps its input's grid
+        return None
+
+    layers = [layer for layer in keras_model.layers if grid_step(layer) is not None]
     if not layers:
         return []
     probe = keras.Model(keras_model.inputs, [layer.output for layer in layers])
@@ -303,7 +309,7 @@ def compare_layers(keras_model, content: bytes, x: np.ndarray) -> list[dict]:
     tensors = [t for t in interp.get_tensor_details() if t["dtype"] == np.int8]
     rows = []
     for layer, output in zip(layers, outputs, strict=True):
-        scale = float(np.ravel(layer.quantizer.inference_form().scale)[0])
+        scale = grid_step(layer)
         same_grid = [
             t
             for t in tensors
