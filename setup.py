@@ -14,7 +14,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["tfquant", "tfquant.*", "train", "train.*", "export",
-                                    "export.*"]),
+                                    "export.*", "benchmarks", "benchmarks.*"]),
     install_requires=[
         "tensorflow>=2.21,<2.22",
         "keras>=3.0",
