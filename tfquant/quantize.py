@@ -30,8 +30,8 @@ from tfquant.layers import (
     QuantConv2D,
     QuantDense,
     QuantDepthwiseConv2D,
+    window_reaches_padding,
 )
-from tfquant.layers.quant_layers import window_reaches_padding
 from tfquant.schemes import Scheme
 
 _L = keras.layers

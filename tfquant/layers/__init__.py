@@ -1,10 +1,9 @@
 """Quantized Keras layers."""
 
+from tfquant.layers.merging import QuantAdd, QuantConcatenate
+from tfquant.layers.pooling import QuantAveragePooling2D, window_reaches_padding
 from tfquant.layers.quant_layers import (
     QuantActivation,
-    QuantAdd,
-    QuantAveragePooling2D,
-    QuantConcatenate,
     QuantConv2D,
     QuantDense,
     QuantDepthwiseConv2D,
@@ -18,4 +17,5 @@ __all__ = [
     "QuantConv2D",
     "QuantDense",
     "QuantDepthwiseConv2D",
+    "window_reaches_padding",
 ]

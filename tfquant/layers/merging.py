@@ -1,0 +1,173 @@
+"""Quantized Add and Concatenate: layers whose inputs are on quantizers'
+grids and whose result gets one grid of its own."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from tfquant import quantizers
+from tfquant.layers.quant_layers import (
+    _PACKAGE,
+    _requantize,
+    _serialize,
+    _validated_requantization,
+)
+from tfquant.ops import requantize as requantize_ops
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QuantAdd(keras.layers.Add):
+    """`keras.layers.Add` whose sum is quantized onto its own grid.
+
+    `tfquant.quantize_model` uses it for every Add, with an 8-bit quantizer:
+    in the integer file the sum is an int8 ADD. Its inputs must be on
+    quantizers' grids (codes times a step).
+
+    Args:
+      quantizer: a quantizer name, config dict or `Quantizer` (signed by default).
+      requantization: None, or the integer ADD's constants (see
+        `set_requantization`); the exporter sets it.
+      **kwargs: `keras.layers.Add`'s arguments.
+    """
+
+    def __init__(self, quantizer="minmax", requantization=None, **kwargs):
+        super().__init__(**kwargs)
+        self.quantizer = quantizers.get(quantizer, signed=True)
+        if self.quantizer is None:
+            raise ValueError("QuantAdd needs a quantizer, got None")
+        self.requantization = None
+        self.set_requantization(requantization)
+
+    def set_requantization(self, requantization):
+        """Makes inference add exactly as the file's integer ADD.
+
+        XNNPACK's int8 ADD rescales each input's codes with a 21-bit integer
+        multiplier and rounds the sum once
+        (`tfquant.ops.requantize.add_multipliers`); the float sum agrees
+        except near a half step. With this set, inference recovers each
+        input's codes and adds them that way before the quantizer. Training
+        is unaffected; `tfquant.lite.match_integer_kernels` sets it from the
+        converted file.
+
+        Args:
+          requantization: None, or a dict with `input_scales` (one per
+            input), `multipliers` (one per input), `shift` and `output_scale`.
+        """
+        if requantization is None:
+            self.requantization = None
+            return
+        try:
+            spec = {
+                "input_scales": [float(v) for v in requantization["input_scales"]],
+                "multipliers": [int(v) for v in requantization["multipliers"]],
+                "shift": int(requantization["shift"]),
+                "output_scale": float(requantization["output_scale"]),
+            }
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(
+                "requantization must be a dict with input_scales, multipliers, shift and "
+                f"output_scale, got {requantization!r} ({error})"
+            ) from None
+        scales = spec["input_scales"] + [spec["output_scale"]]
+        if (
+            len(spec["multipliers"]) != len(spec["input_scales"])
+            or not all(np.isfinite(v) and v > 0 for v in scales)
+            or not 12 <= spec["shift"] <= 30
+        ):
+            raise ValueError(f"invalid requantization {requantization!r}")
+        self.requantization = spec
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        if not self.quantizer.built:
+            self.quantizer.build(tuple(self.compute_output_shape(input_shape)))
+
+    def call(self, inputs, training=None):
+        spec = self.requantization
+        if spec is not None and not training and len(inputs) == len(spec["multipliers"]):
+            total = requantize_ops.add(
+                inputs,
+                spec["input_scales"],
+                spec["multipliers"],
+                spec["shift"],
+                spec["output_scale"],
+            )
+        else:
+            total = super().call(inputs)
+        return self.quantizer(total, training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config["quantizer"] = _serialize(self.quantizer)
+        if self.requantization is not None:
+            config["requantization"] = dict(self.requantization)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QuantConcatenate(keras.layers.Concatenate):
+    """`keras.layers.Concatenate` whose result is quantized onto one grid.
+
+    TFLite's int8 CONCATENATION copies bytes: its inputs must share the
+    output's grid. `tfquant.quantize_model` uses it for every Concatenate,
+    with an 8-bit quantizer; the exporter moves each input that is on
+    another grid onto this one with an integer op, whose rounding inference
+    then follows (`set_requantization`). Its inputs must be on quantizers'
+    grids.
+
+    Args:
+      quantizer: a quantizer name, config dict or `Quantizer` (signed by default).
+      requantization: None, or one spec or None per input (see
+        `set_requantization`); the exporter sets it.
+      **kwargs: `keras.layers.Concatenate`'s arguments (`axis`).
+    """
+
+    def __init__(self, quantizer="minmax", requantization=None, **kwargs):
+        super().__init__(**kwargs)
+        self.quantizer = quantizers.get(quantizer, signed=True)
+        if self.quantizer is None:
+            raise ValueError("QuantConcatenate needs a quantizer, got None")
+        self.requantization = None
+        self.set_requantization(requantization)
+
+    def set_requantization(self, requantization):
+        """Makes inference move each input onto the output grid as the file does.
+
+        Args:
+          requantization: None, or a list with one entry per input: None
+            (the input is already on the output grid, or rounds in float)
+            or a `QuantActivation.set_requantization` spec of the integer op
+            that requantizes that input.
+        """
+        if requantization is None:
+            self.requantization = None
+            return
+        if not isinstance(requantization, (list, tuple)):
+            raise ValueError(
+                f"requantization must be a list with one spec or None per input, got "
+                f"{requantization!r}"
+            )
+        self.requantization = [_validated_requantization(spec) for spec in requantization]
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        if not self.quantizer.built:
+            self.quantizer.build(tuple(self.compute_output_shape(input_shape)))
+
+    def call(self, inputs, training=None):
+        specs = self.requantization
+        if specs is not None and not training and len(specs) == len(inputs):
+            inputs = [
+                x if s is None else _requantize(x, s) for x, s in zip(inputs, specs, strict=True)
+            ]
+        return self.quantizer(super().call(inputs), training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config["quantizer"] = _serialize(self.quantizer)
+        if self.requantization is not None:
+            config["requantization"] = [
+                None if spec is None else dict(spec) for spec in self.requantization
+            ]
+        return config
