@@ -42,17 +42,25 @@ from tfquant.layers import (
     QuantDense,
     QuantDepthwiseConv2D,
 )
+from tfquant.lite.integer_ops import (
+    PASS_THROUGH,
+    ExportError,
+    activation_range,
+    emit_plain,
+    fake_quant_activation,
+    int8_zero_point,
+    kernel_maker,
+    level_scales,
+    nearest_int8_codes,
+    offset_relu,
+    requantize_through_identity,
+)
 from tfquant.quantizers import InferenceForm
 
 _L = keras.layers
 _KERNEL_LAYERS = (QuantConv2D, QuantDepthwiseConv2D, QuantDense)
 # Layers whose output is a quantizer's grid.
 _QUANTIZING = (QuantActivation, QuantAdd, QuantConcatenate)
-_PASS_THROUGH = (_L.Dropout,)
-
-
-class ExportError(ValueError):
-    """The model cannot be lowered to an exact integer graph."""
 
 
 @dataclasses.dataclass
@@ -83,37 +91,6 @@ class LayerReport:
         out = dataclasses.asdict(self)
         out.pop("codes")
         return {k: v for k, v in out.items() if v is not None}
-
-
-def activation_range(form: InferenceForm, where: str) -> tuple[float, float]:
-    """The (min, max) of the 8-bit FakeQuant that holds `form`'s codes exactly."""
-    if not form.is_uniform:
-        raise ExportError(f"{where}: non-uniform activation levels have no exact int8 form")
-    scale = float(np.asarray(form.scale).reshape(-1)[0])
-    if np.asarray(form.scale).size != 1:
-        raise ExportError(f"{where}: TFLite activations have one scale per tensor")
-    if form.zero_point == 0 and form.code_min == 0:
-        # Unsigned b-bit codes at int8 zero point 128 - 2^b.
-        return -(256 - 2**form.bits) * scale, (2**form.bits - 1) * scale
-    if form.bits == 8:
-        if form.signed and form.zero_point == 0:  # symmetric, codes -127..127
-            return -128.0 * scale, 127.0 * scale
-        return -form.zero_point * scale, (255 - form.zero_point) * scale
-    raise ExportError(
-        f"{where}: a {form.bits}-bit signed activation has no exact int8 form without a "
-        "clamp; use 8 bits for tensors that can be negative"
-    )
-
-
-def int8_zero_point(form: InferenceForm) -> int:
-    low, high = activation_range(form, "activation")
-    scale = (high - low) / 255.0
-    return int(round(-128 - low / scale))
-
-
-def _fake_quant_activation(x, form: InferenceForm, where: str):
-    low, high = activation_range(form, where)
-    return tf.quantization.fake_quant_with_min_max_vars(x, low, high, num_bits=8)
 
 
 @dataclasses.dataclass
@@ -322,7 +299,7 @@ class _Plan:
 
     def identity_site(self, tensor) -> int:
         """0, 1, 2, ... for successive identity convolutions reading `tensor`."""
-        while isinstance(graph.producer(tensor), _PASS_THROUGH):
+        while isinstance(graph.producer(tensor), PASS_THROUGH):
             tensor = graph.producer(tensor)._inbound_nodes[0].input_tensors[0]
         site = self.identity_reads.get(id(tensor), 0)
         if site >= 64:
@@ -346,18 +323,18 @@ class _Plan:
             # AVERAGE_POOL_2D keeps its input's grid (the layer rounds so).
             form = _upstream_form(self, operation)
             where = f"layer {operation.name!r}"
-            x = _fake_quant_activation(args[0], form, where)
+            x = fake_quant_activation(args[0], form, where)
             y = tf.nn.avg_pool2d(
                 x, operation.pool_size, operation.strides, operation.padding.upper()
             )
-            return _fake_quant_activation(y, form, where)
+            return fake_quant_activation(y, form, where)
         if isinstance(operation, QuantAdd):
             form = self.activation_forms[id(operation)]
-            y = _emit_plain(operation, args)
+            y = emit_plain(operation, args)
             if form.offset:
                 y = y - form.offset
-            return _fake_quant_activation(y, form, f"layer {operation.name!r}")
-        return _emit_plain(operation, args)
+            return fake_quant_activation(y, form, f"layer {operation.name!r}")
+        return emit_plain(operation, args)
 
     def _emit_concatenate(self, layer, args):
         """Inputs on another grid are moved onto the output's by an identity
@@ -370,10 +347,10 @@ class _Plan:
                 # A scope of its own (absolute: trailing "/"), by which
                 # `match_integer_kernels` finds this op in the file.
                 with tf.name_scope(concat_input_scope(layer, index) + "/"):
-                    x = _requantize_through_identity(x, *move)
-                    x = _fake_quant_activation(x, form, where)
+                    x = requantize_through_identity(x, *move)
+                    x = fake_quant_activation(x, form, where)
             parts.append(x)
-        return _fake_quant_activation(tf.concat(parts, axis=layer.axis), form, where)
+        return fake_quant_activation(tf.concat(parts, axis=layer.axis), form, where)
 
     def _emit_affine(self, layer, x):
         """A per-channel x * a + b as a 1x1 depthwise convolution with int8
@@ -391,7 +368,7 @@ class _Plan:
         if input_form is not None:
             if input_form.offset:
                 x = x - input_form.offset
-            x = _fake_quant_activation(x, input_form, f"layer {layer.name!r} input")
+            x = fake_quant_activation(x, input_form, f"layer {layer.name!r} input")
         if isinstance(layer, QuantDense):
             y = tf.matmul(x, kernel)
         elif isinstance(layer, QuantDepthwiseConv2D):
@@ -413,14 +390,14 @@ class _Plan:
         if id(layer) in self.after_quantizer:
             # Two quantizers in a row: the converter would keep only the
             # second grid, so the first one's rounding gets its own op.
-            x = _requantize_through_identity(x, form.offset, self.after_quantizer[id(layer)])
+            x = requantize_through_identity(x, form.offset, self.after_quantizer[id(layer)])
         elif form.offset and id(layer) not in self.folded_offsets:
             x = x - form.offset
         if layer.activation_name in ("relu", "relu6"):
-            x = _offset_relu(x, form, 6.0 if layer.activation_name == "relu6" else None)
+            x = offset_relu(x, form, 6.0 if layer.activation_name == "relu6" else None)
         elif layer.activation_name == "softmax":
             x = tf.nn.softmax(x)
-        return _fake_quant_activation(x, form, f"layer {layer.name!r}")
+        return fake_quant_activation(x, form, f"layer {layer.name!r}")
 
 
 def concat_input_scope(layer, index: int) -> str:
@@ -429,144 +406,7 @@ def concat_input_scope(layer, index: int) -> str:
     return f"{layer.name}__input{index}"
 
 
-def _offset_relu(x, form: InferenceForm, max_value: float | None):
-    """relu / relu6 of the value v, on `x` = v - offset (the quantizer's offset
-    is already subtracted): clamps `x` to [-offset, max_value - offset],
-    each bound kept only where the quantizer's own clamp does not already
-    apply it. Without an offset it is the op the converter fuses into the
-    kernel before it."""
-    offset = float(form.offset)
-    if not offset:
-        return tf.nn.relu(x) if max_value is None else tf.nn.relu6(x)
-    x = tf.nn.relu(x) if offset > 0 else tf.maximum(x, -offset)
-    _, top = activation_range(form, "activation")
-    if max_value is not None and max_value - offset < top:
-        x = tf.minimum(x, max_value - offset)
-    return x
-
-
-def _emit_plain(operation, args):
-    x = args[0]
-    if isinstance(operation, _L.Add):
-        return tf.add_n(args) if len(args) > 2 else tf.add(args[0], args[1])
-    if isinstance(operation, _PASS_THROUGH):
-        return x
-    if isinstance(operation, _L.MaxPooling2D):
-        return tf.nn.max_pool2d(
-            x, operation.pool_size, operation.strides, operation.padding.upper()
-        )
-    if isinstance(operation, _L.GlobalMaxPooling2D):
-        return tf.reduce_max(x, axis=(1, 2), keepdims=operation.keepdims)
-    if isinstance(operation, _L.Cropping2D):
-        (top, bottom), (left, right) = operation.cropping
-        height, width = int(x.shape[1]), int(x.shape[2])
-        return x[:, top : height - bottom, left : width - right, :]
-    if isinstance(operation, _L.AveragePooling2D):
-        return _average_pool(x, operation)
-    if isinstance(operation, _L.GlobalAveragePooling2D):
-        return _global_average(x, operation.keepdims)
-    if isinstance(operation, _L.Flatten):
-        return tf.reshape(x, (-1, int(np.prod(x.shape[1:]))))
-    if isinstance(operation, _L.Reshape):
-        return tf.reshape(x, (-1,) + tuple(operation.target_shape))
-    if isinstance(operation, _L.ZeroPadding2D):
-        (top, bottom), (left, right) = operation.padding
-        return tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
-    if isinstance(operation, _L.Activation):
-        name = getattr(operation.activation, "__name__", "")
-        if name == "linear":
-            return x
-        if name == "softmax":
-            # TFLite's int8 softmax output has scale 1/256 and zero point -128.
-            probabilities = tf.nn.softmax(x)
-            return tf.quantization.fake_quant_with_min_max_vars(
-                probabilities, 0.0, 255.0 / 256.0, num_bits=8
-            )
-        if name == "relu":
-            return tf.nn.relu(x)
-    raise ExportError(f"cannot lower layer {operation.name!r} of type {type(operation).__name__}")
-
-
-def _requantize_through_identity(x, offset, site: int = 0):
-    """x - offset as a 1x1 depthwise convolution with weight 1.
-
-    A FakeQuant straight after another one is merged by the converter into
-    one requantization, which rounds once where the Keras model rounds
-    twice; a SUB of a constant would keep both roundings but runs outside
-    the XNNPACK delegate. The convolution keeps both, stays in the delegate
-    and holds the offset in its bias (int32 at 1/127 of the input step).
-    """
-    channels = int(x.shape[-1])
-    # The converter merges identical ops on one tensor, and a merged op
-    # cannot keep two output grids (it falls back to float): each `site`
-    # (numbered per tensor) quantizes the weight 1 with another range, which
-    # keeps the ops apart until they are quantized (the file then stores each
-    # weight as code 127 at scale 1/127). Ops onto equal grids may still be
-    # merged, which changes nothing they compute.
-    code = 127 - site
-    kernel = tf.quantization.fake_quant_with_min_max_vars(
-        tf.ones((1, 1, channels, 1)), -127 / code, 127 / code, num_bits=8, narrow_range=True
-    )
-    flat = x.shape.rank != 4
-    y = tf.reshape(x, (-1, 1, 1, channels)) if flat else x
-    y = tf.nn.depthwise_conv2d(y, kernel, (1, 1, 1, 1), "VALID")
-    y = y - tf.fill((channels,), tf.constant(offset, tf.float32))
-    return tf.reshape(y, (-1, channels)) if flat else y
-
-
-def _global_average(x, keepdims):
-    """Global average pooling as a depthwise convolution (see `_window_average`).
-
-    TFLite's int8 MEAN requantizes its result inexactly (measured on
-    LiteRT 2.3: up to 7 output steps away from the exact mean, with the
-    reference kernels too).
-    """
-    height, width, channels = (int(d) for d in x.shape[1:])
-    y = _window_average(x, (height, width), (1, 1))
-    return y if keepdims else tf.reshape(y, (-1, channels))
-
-
-def _average_pool(x, layer):
-    """AveragePooling2D as a depthwise convolution where no window reaches
-    into padding (VALID, or SAME on a size the windows tile).
-
-    TFLite's int8 AVERAGE_POOL_2D keeps its input's scale, so it rounds the
-    mean onto the input grid before the next quantizer rounds again; the
-    convolution rounds once, onto the next grid, as the Keras model does.
-    A window that reaches into SAME padding averages fewer values, which one
-    convolution weight cannot express: such a layer keeps AVERAGE_POOL_2D.
-    """
-    if layer.data_format != "channels_last":
-        raise ExportError(f"layer {layer.name!r}: only channels_last pooling is supported")
-    pool, strides = tuple(layer.pool_size), tuple(layer.strides)
-    padded = layer.padding.lower() == "same" and any(
-        (-(-int(size) // stride) - 1) * stride + window > int(size)
-        for size, window, stride in zip(x.shape[1:3], pool, strides, strict=True)
-    )
-    if padded:
-        return tf.nn.avg_pool2d(x, pool, strides, "SAME")
-    return _window_average(x, pool, strides)
-
-
-def _window_average(x, window, strides):
-    """The mean over each window as a depthwise convolution with weights
-    1/(h*w): the int8 code 127 at scale 1/(127*h*w). The convolution sums in
-    int32 and requantizes once, onto its output's grid."""
-    channels = int(x.shape[-1])
-    count = int(window[0]) * int(window[1])
-    weight = 1.0 / count
-    kernel = tf.quantization.fake_quant_with_min_max_vars(
-        tf.fill((*window, channels, 1), weight),
-        -weight,
-        weight,
-        num_bits=8,
-        narrow_range=True,
-    )
-    return tf.nn.depthwise_conv2d(x, kernel, (1, *strides, 1), "VALID")
-
-
-# Layers that only move values: a rounding before them is the rounding after them.
-_SHAPE_ONLY = (_L.Flatten, _L.Reshape, *_PASS_THROUGH)
+_SHAPE_ONLY = (_L.Flatten, _L.Reshape, *PASS_THROUGH)
 
 _GRID_KEEPING = (
     QuantAveragePooling2D,
@@ -576,7 +416,7 @@ _GRID_KEEPING = (
     _L.Reshape,
     _L.ZeroPadding2D,
     _L.Cropping2D,
-    *_PASS_THROUGH,
+    *PASS_THROUGH,
 )
 
 _LOWERABLE = (
@@ -595,7 +435,7 @@ _LOWERABLE = (
     _L.BatchNormalization,
     QuantActivation,
     *_KERNEL_LAYERS,
-    *_PASS_THROUGH,
+    *PASS_THROUGH,
 )
 
 
@@ -690,7 +530,7 @@ def _plan_affine(plan: _Plan, layer, node, consumers):
     report.bias_step = float(grid.max())
     plan.bias_shifts[id(layer)] = (layer, (layer, factor), np.round(bias / grid) * grid - bias)
     folded = (codes * magnitude).reshape(1, 1, 1, channels)
-    make_kernel = _kernel_maker(folded, magnitude, 127, final_shape=(1, 1, channels, 1))
+    make_kernel = kernel_maker(folded, magnitude, 127, final_shape=(1, 1, channels, 1))
     plan.affines[id(layer)] = (make_kernel, bias.astype(np.float32))
     plan.reports.append(report)
 
@@ -791,7 +631,7 @@ def _plan_kernel(plan: _Plan, layer, node, consumers):
         if np.abs(codes * scale - quantized).max() > 1e-4 * max(float(np.abs(scale).max()), 1e-12):
             raise ExportError(f"{where}: the quantized kernel is not codes x scale")
     else:
-        codes, scale, mapping_errors = _nearest_int8_codes(form, quantized, layer, channels, where)
+        codes, scale, mapping_errors = nearest_int8_codes(form, quantized, layer, channels, where)
         storage_bits = 8
     channel_scale = np.broadcast_to(scale.reshape(-1), (channels,)).astype(np.float64).copy()
     # An INT4 fully connected layer runs in XNNPACK (exact, the same on every
@@ -849,13 +689,13 @@ def _plan_kernel(plan: _Plan, layer, node, consumers):
                 f"{where}: a BatchNormalization after a Dense gives per-channel weight scales, "
                 "which TFLite's FULLY_CONNECTED cannot hold exactly"
             )
-        make_kernel = _kernel_maker(codes * channel_scale, magnitude[:1], q_max)
+        make_kernel = kernel_maker(codes * channel_scale, magnitude[:1], q_max)
     elif isinstance(layer, QuantDepthwiseConv2D):
         h, w, c_in, multiplier = codes.shape
         folded = (codes * channel_scale.reshape(c_in, multiplier)).reshape(h, w, 1, -1)
-        make_kernel = _kernel_maker(folded, magnitude, q_max, final_shape=codes.shape)
+        make_kernel = kernel_maker(folded, magnitude, q_max, final_shape=codes.shape)
     else:
-        make_kernel = _kernel_maker(codes * channel_scale, magnitude, q_max)
+        make_kernel = kernel_maker(codes * channel_scale, magnitude, q_max)
     report.weight_scales = [float(v) for v in np.abs(channel_scale)]
 
     input_form = None
@@ -876,85 +716,3 @@ def _plan_kernel(plan: _Plan, layer, node, consumers):
         plan.bias_shifts[id(layer)] = (layer, batch_norm, shift)
     plan.kernels[id(layer)] = (make_kernel, bias.astype(np.float32), input_form)
     plan.reports.append(report)
-
-
-def level_scales(levels: np.ndarray, layer) -> np.ndarray:
-    """The int8 scale of each level vector (G, K): max|L| / 127, or the largest
-    of them for one vector or a Dense kernel (FULLY_CONNECTED weights cannot
-    keep a per-channel axis)."""
-    group_scale = np.maximum(np.abs(levels).max(axis=1), 1e-12) / 127.0
-    if levels.shape[0] == 1 or isinstance(layer, QuantDense):
-        group_scale = np.full(levels.shape[0], group_scale.max())
-    return group_scale
-
-
-def _nearest_int8_codes(form: InferenceForm, quantized, layer, channels: int, where: str):
-    """Maps non-uniform weight levels to their nearest int8 codes.
-
-    `form.levels` holds one sorted level vector (K,) for the layer, or one per
-    channel of the kernel's last axis (G, K). The int8 scale of a level vector
-    is max|L| / 127; a Dense kernel gets one scale per tensor (the largest),
-    since FULLY_CONNECTED weights cannot keep a per-channel axis. Each weight
-    is then the code round(w / scale), stored as INT8 whatever `form.bits`.
-
-    Returns:
-      The codes, the scale (one value, or one per output channel), and the
-      (max, RMS) over the kernel's weights of |w - code * scale| / scale, the
-      mapping error the exporter reports.
-
-    Raises:
-      ExportError: the levels are not grouped along the last kernel axis, or
-        the quantized kernel takes values that are not the levels.
-    """
-    levels = np.asarray(form.levels, np.float64)
-    levels = levels.reshape(1, -1) if levels.ndim == 1 else levels
-    groups = levels.shape[0]
-    if levels.ndim != 2 or (groups > 1 and groups != quantized.shape[-1]):
-        raise ExportError(
-            f"{where}: expected one level vector or one per channel of the kernel's last axis "
-            f"({quantized.shape[-1]}), got levels of shape {np.shape(form.levels)}"
-        )
-    by_group = quantized.reshape(-1, groups)
-    for g in range(groups):
-        row = np.sort(levels[g])
-        index = np.clip(np.searchsorted(row, by_group[:, g]), 0, row.size - 1)
-        nearest = np.minimum(
-            np.abs(by_group[:, g] - row[index]),
-            np.abs(by_group[:, g] - row[np.maximum(index - 1, 0)]),
-        )
-        if nearest.max() > 1e-5 * max(float(np.abs(row).max()), 1e-12):
-            raise ExportError(f"{where}: the quantized kernel takes values that are not its levels")
-    group_scale = level_scales(levels, layer)
-    codes = np.clip(np.round(by_group / group_scale), -127, 127)
-    relative = np.abs(by_group - codes * group_scale) / group_scale
-    errors = (float(relative.max()), float(np.sqrt(np.mean(relative**2))))
-    codes = codes.reshape(quantized.shape).astype(np.int32)
-    if groups == 1 or isinstance(layer, QuantDense):
-        return codes, group_scale[:1], errors
-    # Output channel c of a depthwise kernel (H, W, C_in, M) is c_in * M + m.
-    return codes, np.tile(group_scale, channels // groups), errors
-
-
-def _kernel_maker(folded, magnitude, q_max, final_shape=None):
-    """A function that emits the kernel constant behind its FakeQuant while the
-    lowered graph is traced (a FakeQuant run eagerly would be folded away)."""
-    folded = np.asarray(folded, np.float32)
-    low = (-q_max * magnitude).astype(np.float32)
-    high = (q_max * magnitude).astype(np.float32)
-    bits = 4 if q_max == 7 else 8
-
-    def make():
-        value = tf.constant(folded)
-        if low.size == 1:
-            value = tf.quantization.fake_quant_with_min_max_vars(
-                value, float(low[0]), float(high[0]), num_bits=bits, narrow_range=True
-            )
-        else:
-            value = tf.quantization.fake_quant_with_min_max_vars_per_channel(
-                value, tf.constant(low), tf.constant(high), num_bits=bits, narrow_range=True
-            )
-        if final_shape is not None:
-            value = tf.reshape(value, final_shape)
-        return value
-
-    return make
