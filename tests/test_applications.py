@@ -275,6 +275,16 @@ def test_unsupported_layer_is_named_at_quantize_time():
         tfquant.quantize_model(model, "lsq_w4a4")
 
 
+def test_raw_keras_ops_are_named_at_quantize_time():
+    """A keras.ops call in a functional graph (MobileNetV3 writes hard-sigmoid so)."""
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(4, 3)(inputs)
+    x = keras.ops.relu(x) * (1.0 / 6.0)
+    model = keras.Model(inputs, L.Dense(3)(L.Flatten()(x)))
+    with pytest.raises(ValueError, match="operation 'relu'.*keras.ops call \\(Relu\\)"):
+        tfquant.quantize_model(model, "lsq_w4a4")
+
+
 def _application(name, size):
     kwargs = {"alpha": 0.35} if name.startswith("MobileNet") else {}
     return getattr(keras.applications, name)(

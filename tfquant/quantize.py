@@ -141,7 +141,7 @@ def quantize_model(
     ['QuantConv2D', 'QuantActivation']
     """
     scheme = Scheme.from_any(scheme)
-    functional = _flattened(_as_functional(model))
+    functional = _flattened(_checked_operations(_as_functional(model)))
     model_graph = _ModelGraph(functional)
     builder = _Builder(scheme, model_graph, _LayerSchemes(scheme, layers, functional))
     qmodel = keras.models.clone_model(
@@ -178,6 +178,22 @@ def _as_functional(model) -> keras.Model:
             f"quantize_model supports Sequential and Functional models; {model.name!r} is a "
             f"subclassed {type(model).__name__}"
         )
+    return model
+
+
+def _checked_operations(model: keras.Model) -> keras.Model:
+    """`model`, if every node of its graph is a layer: a `keras.ops` call
+    written in a functional model (`x * 0.5`, `keras.ops.relu(x)`) is named,
+    since it has no quantized twin."""
+    for operation in getattr(model, "operations", model.layers):
+        if not isinstance(operation, keras.layers.Layer):
+            raise ValueError(
+                f"quantize_model cannot quantize operation {operation.name!r} of model "
+                f"{model.name!r}: a keras.ops call ({type(operation).__name__}) in the "
+                "functional graph; write it as a layer (supported: "
+                + ", ".join(sorted({c.__name__ for c in _SUPPORTED}))
+                + ")"
+            )
     return model
 
 
@@ -228,7 +244,7 @@ def _flattened(model: keras.Model) -> keras.Model:
         return y
 
     def run(inner, tensors):
-        inner = _as_functional(inner)
+        inner = _checked_operations(_as_functional(inner))
         values = {id(t): v for t, v in zip(inner.inputs, tensors, strict=True)}
         for operation, node in graph.nodes_in_order(inner):
             if node.is_input:
