@@ -197,3 +197,19 @@ def test_quant_add_quantizes_the_sum_and_reloads_with_its_integer_add(tmp_path):
     assert restored.requantization == add.requantization
     with pytest.raises(ValueError, match="invalid requantization"):
         add.set_requantization({**spec, "output_scale": step, "shift": 40})
+
+
+@pytest.mark.parametrize("layer_class", [QuantConv2D, QuantDepthwiseConv2D, QuantDense])
+def test_unsigned_kernel_quantizer_object_is_refused(layer_class):
+    """A quantizer object keeps the signedness it was built with; an unsigned
+    one would zero every negative weight."""
+    arguments = {"kernel_size": 3} if layer_class is not QuantDense else {}
+    if layer_class is QuantConv2D:
+        arguments["filters"] = 4
+    if layer_class is QuantDense:
+        arguments["units"] = 4
+    for unsigned in (quantizers.PACTQuantizer(bits=4), quantizers.LSQQuantizer(bits=4)):
+        with pytest.raises(ValueError, match="'weights_layer': kernel_quantizer .* unsigned"):
+            layer_class(kernel_quantizer=unsigned, name="weights_layer", **arguments)
+    signed = quantizers.LSQQuantizer(bits=4, signed=True)
+    assert layer_class(kernel_quantizer=signed, **arguments).kernel_quantizer is signed

@@ -34,6 +34,14 @@ class _QuantizedKernelMixin:
 
     def _set_quantizers(self, kernel_quantizer, input_quantizer, input_requantization=None):
         self.kernel_quantizer = quantizers.get(kernel_quantizer, signed=True, for_weights=True)
+        if self.kernel_quantizer is not None and not self.kernel_quantizer.signed:
+            # An unsigned grid would clip every negative weight to 0.
+            raise ValueError(
+                f"layer {self.name!r}: kernel_quantizer {type(self.kernel_quantizer).__name__} "
+                f"({self.kernel_quantizer.name!r}) is unsigned and would set every negative "
+                "weight to 0; pass a signed one (signed=True), or a name or config dict, which "
+                "the layer makes signed"
+            )
         self.input_quantizer = quantizers.get(input_quantizer, signed=False, for_weights=False)
         self.set_input_requantization(input_requantization)
 
