@@ -16,8 +16,30 @@ from tfquant.layers.quant_layers import (
 from tfquant.ops import requantize as requantize_ops
 
 
+class _QuantizedResult:
+    """Holds the quantizer of a merging layer's result: built from a name,
+    config dict or `Quantizer` (signed by default), built on the output
+    shape and saved in the config."""
+
+    def _set_quantizer(self, quantizer, requantization):
+        self.quantizer = quantizers.get(quantizer, signed=True)
+        if self.quantizer is None:
+            raise ValueError(f"{type(self).__name__} needs a quantizer, got None")
+        self.requantization = None
+        self.set_requantization(requantization)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        if not self.quantizer.built:
+            self.quantizer.build(tuple(self.compute_output_shape(input_shape)))
+
+    def _quantizer_config(self, config: dict) -> dict:
+        config["quantizer"] = _serialize(self.quantizer)
+        return config
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class QuantAdd(keras.layers.Add):
+class QuantAdd(_QuantizedResult, keras.layers.Add):
     """`keras.layers.Add` whose sum is quantized onto its own grid.
 
     `tfquant.quantize_model` uses it for every Add, with an 8-bit quantizer:
@@ -33,11 +55,7 @@ class QuantAdd(keras.layers.Add):
 
     def __init__(self, quantizer="minmax", requantization=None, **kwargs):
         super().__init__(**kwargs)
-        self.quantizer = quantizers.get(quantizer, signed=True)
-        if self.quantizer is None:
-            raise ValueError("QuantAdd needs a quantizer, got None")
-        self.requantization = None
-        self.set_requantization(requantization)
+        self._set_quantizer(quantizer, requantization)
 
     def set_requantization(self, requantization):
         """Makes inference add exactly as the file's integer ADD.
@@ -78,11 +96,6 @@ class QuantAdd(keras.layers.Add):
             raise ValueError(f"invalid requantization {requantization!r}")
         self.requantization = spec
 
-    def build(self, input_shape):
-        super().build(input_shape)
-        if not self.quantizer.built:
-            self.quantizer.build(tuple(self.compute_output_shape(input_shape)))
-
     def call(self, inputs, training=None):
         spec = self.requantization
         if spec is not None and not training and len(inputs) == len(spec["multipliers"]):
@@ -98,15 +111,14 @@ class QuantAdd(keras.layers.Add):
         return self.quantizer(total, training=training)
 
     def get_config(self):
-        config = super().get_config()
-        config["quantizer"] = _serialize(self.quantizer)
+        config = self._quantizer_config(super().get_config())
         if self.requantization is not None:
             config["requantization"] = dict(self.requantization)
         return config
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class QuantConcatenate(keras.layers.Concatenate):
+class QuantConcatenate(_QuantizedResult, keras.layers.Concatenate):
     """`keras.layers.Concatenate` whose result is quantized onto one grid.
 
     TFLite's int8 CONCATENATION copies bytes: its inputs must share the
@@ -125,11 +137,7 @@ class QuantConcatenate(keras.layers.Concatenate):
 
     def __init__(self, quantizer="minmax", requantization=None, **kwargs):
         super().__init__(**kwargs)
-        self.quantizer = quantizers.get(quantizer, signed=True)
-        if self.quantizer is None:
-            raise ValueError("QuantConcatenate needs a quantizer, got None")
-        self.requantization = None
-        self.set_requantization(requantization)
+        self._set_quantizer(quantizer, requantization)
 
     def set_requantization(self, requantization):
         """Makes inference move each input onto the output grid as the file does.
@@ -150,11 +158,6 @@ class QuantConcatenate(keras.layers.Concatenate):
             )
         self.requantization = [_validated_requantization(spec) for spec in requantization]
 
-    def build(self, input_shape):
-        super().build(input_shape)
-        if not self.quantizer.built:
-            self.quantizer.build(tuple(self.compute_output_shape(input_shape)))
-
     def call(self, inputs, training=None):
         specs = self.requantization
         if specs is not None and not training and len(specs) == len(inputs):
@@ -164,8 +167,7 @@ class QuantConcatenate(keras.layers.Concatenate):
         return self.quantizer(super().call(inputs), training=training)
 
     def get_config(self):
-        config = super().get_config()
-        config["quantizer"] = _serialize(self.quantizer)
+        config = self._quantizer_config(super().get_config())
         if self.requantization is not None:
             config["requantization"] = [
                 None if spec is None else dict(spec) for spec in self.requantization
