@@ -7,6 +7,7 @@ builds keras.applications families at their smallest input.
 import keras
 import numpy as np
 import pytest
+from test_random_graphs import randomize_batch_norm
 
 import tfquant
 from tfquant import lite
@@ -36,14 +37,7 @@ def _exact(found):
 
 
 def _randomize_batch_norm(model, seed=0):
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, L.BatchNormalization):
-            channels = layer.gamma.shape[0]
-            layer.gamma.assign(rng.uniform(0.5, 1.5, channels) * rng.choice([-1, 1], channels))
-            layer.beta.assign(rng.normal(0, 0.3, channels))
-            layer.moving_mean.assign(rng.normal(0, 0.3, channels))
-            layer.moving_variance.assign(rng.uniform(0.3, 2.0, channels))
+    randomize_batch_norm(model, np.random.default_rng(seed))
 
 
 def _images(count=96, size=12, channels=3, scale=1.0, seed=0):

@@ -90,7 +90,7 @@ def _random_model(rng: np.random.Generator) -> keras.Model:
     return keras.Model(inputs, L.Dense(5)(x))
 
 
-def _randomize_batch_norm(model: keras.Model, rng: np.random.Generator) -> None:
+def randomize_batch_norm(model: keras.Model, rng: np.random.Generator) -> None:
     for layer in model.layers:
         if isinstance(layer, L.BatchNormalization):
             channels = layer.gamma.shape[0]
@@ -106,7 +106,7 @@ def check_random_graph(seed: int) -> dict:
     keras.utils.set_random_seed(seed)
     while True:
         model = _random_model(rng)
-        _randomize_batch_norm(model, rng)
+        randomize_batch_norm(model, rng)
         x = rng.normal(0.5, 0.5, (96, *model.inputs[0].shape[1:])).astype(np.float32)
         bits = int(rng.integers(2, 9))
         method = str(rng.choice(METHODS))
