@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfquant.layers import QuantDense
+from tfquant.layers import QuantDense, window_reaches_padding
 from tfquant.quantizers import InferenceForm
 
 _L = keras.layers
@@ -166,11 +166,7 @@ def average_pool(x, layer):
     if layer.data_format != "channels_last":
         raise ExportError(f"layer {layer.name!r}: only channels_last pooling is supported")
     pool, strides = tuple(layer.pool_size), tuple(layer.strides)
-    padded = layer.padding.lower() == "same" and any(
-        (-(-int(size) // stride) - 1) * stride + window > int(size)
-        for size, window, stride in zip(x.shape[1:3], pool, strides, strict=True)
-    )
-    if padded:
+    if window_reaches_padding(pool, strides, layer.padding, x.shape[1:3]):
         return tf.nn.avg_pool2d(x, pool, strides, "SAME")
     return window_average(x, pool, strides)
 
