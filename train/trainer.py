@@ -14,7 +14,8 @@ What `train` does, in order:
      learning rate and no weight decay) for the variables of tfquant
      quantizers;
   3. trains: `model.fit` for off/one_device/mirrored, with
-     `keras.callbacks.BackupAndRestore` in `model_dir/backup`; a custom
+     `train.backup.AtomicBackup` (Keras's `BackupAndRestore`, committed
+     atomically) in `model_dir/backup`; a custom
      distributed loop for multi_worker_mirrored and tpu (the Keras 3 `fit`
      does not run under MultiWorkerMirroredStrategy, keras-team/keras#20585),
      with `tf.train.CheckpointManager` in `model_dir/checkpoints`. Both resume
@@ -66,7 +67,7 @@ import tfquant
 from tfquant import fileio, precision, quantizers
 from tfquant.quantizers import cpq
 from tfquant.quantizers.base import Quantizer, check_bits, registered_names
-from train import input_pipeline, models
+from train import backup, input_pipeline, models
 from train import strategy as strategy_lib
 
 FIT_STRATEGIES = ("off", "one_device", "mirrored")
@@ -748,15 +749,6 @@ def _epoch_hooks(network: keras.Model, config: TrainConfig):
 # Training
 
 
-def _fit_start_epoch(backup_dir: str) -> int:
-    """The epoch `BackupAndRestore` will resume at (0 without a backup)."""
-    path = os.path.join(backup_dir, "training_metadata.json")
-    if not os.path.exists(path):
-        return 0
-    with open(path) as stream:
-        return int(json.load(stream)["epoch"])
-
-
 def _output_dir(model_dir: str, strategy) -> str:
     if strategy_lib.is_chief(strategy):
         return model_dir
@@ -875,12 +867,12 @@ def _reestimated_batch_norm(final, network, config, pipeline) -> keras.Model:
 
 def _train_with_fit(config, model, pipeline, recorder, hooks, output_dir, verbose):
     backup_dir = os.path.join(output_dir, _BACKUP)
-    start_epoch = _fit_start_epoch(backup_dir)
+    start_epoch, weights = backup.committed(backup_dir)
     recorder.start(start_epoch)
     if start_epoch >= config.epochs:
         # A finished run started again: the result is the backup's weights,
         # not the freshly built model's (fit would not run to restore them).
-        model.load_weights(os.path.join(backup_dir, "latest.weights.h5"))
+        model.load_weights(weights)
         print(f"all {config.epochs} epochs are done; weights from the backup", flush=True)
         return recorder.history
     if start_epoch:
@@ -888,7 +880,7 @@ def _train_with_fit(config, model, pipeline, recorder, hooks, output_dir, verbos
     train_data = pipeline.train_dataset(start_epoch, config.epochs, config.labels == "true")
     callbacks = [
         _EpochCallback(recorder, hooks),
-        keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch", delete_checkpoint=False),
+        backup.AtomicBackup(backup_dir),
     ]
     strategy = model.distribute_strategy
     if strategy.num_replicas_in_sync > 1 and model.state_variables:
