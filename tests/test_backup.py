@@ -61,7 +61,7 @@ def test_a_write_that_dies_leaves_the_previous_backup_in_force(tmp_path, monkeyp
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("text", ["", "{\"epoch\": ", "[1]", "{\"batch\": 0}"])
+@pytest.mark.parametrize("text", ["", '{"epoch": ', "[1]", '{"batch": 0}'])
 def test_metadata_that_is_not_a_backup_is_named(tmp_path, text):
     (tmp_path / backup.METADATA).write_text(text)
     with pytest.raises(ValueError, match=backup.METADATA):
