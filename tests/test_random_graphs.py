@@ -100,6 +100,17 @@ def randomize_batch_norm(model: keras.Model, rng: np.random.Generator) -> None:
             layer.moving_variance.assign(rng.uniform(0.3, 2.0, channels))
 
 
+def move_learned_parameters(model: keras.Model, rng: np.random.Generator) -> None:
+    """Moves every quantizer's learned values as fine-tuning would: each
+    element by its own factor, so a QIL interval's center and distance part
+    (its activations' offset c - d is no longer 0), and LSQ steps and PACT
+    clips change."""
+    for variable in model.trainable_weights:
+        if "_quantizer" in variable.path:
+            value = variable.numpy()
+            variable.assign(value * rng.uniform(0.7, 1.3, value.shape).astype(value.dtype))
+
+
 def check_random_graph(seed: int) -> dict:
     """Builds, quantizes and exports graph `seed`; returns the verification."""
     rng = np.random.default_rng(seed)
@@ -116,6 +127,8 @@ def check_random_graph(seed: int) -> dict:
             "bits": bits,
         }
         qmodel = tfquant.quantize_model(model, scheme, calibration_data=x[:64])
+        if rng.integers(2):
+            move_learned_parameters(qmodel, rng)
         # Random weights can leave a layer's output (nearly) constant, all dead
         # ReLUs: it has no grid to quantize onto (export says so, see
         # tests/test_export.py), and the graph is drawn again.

@@ -537,8 +537,10 @@ def _plan_affine(plan: _Plan, layer, node, consumers):
 
 def _concat_input_offset(plan: _Plan, layer, tensor, form: InferenceForm) -> float | None:
     """None where `tensor` is already on `form`'s int8 grid, else the offset
-    to subtract while requantizing it (its quantizer's offset is already
-    out of the lowered value) and a number distinct per requantization."""
+    to subtract while requantizing it and a number distinct per
+    requantization. A quantizer's output excludes its own offset (in Keras
+    and lowered alike): the input's value is its step times its codes, and
+    the concatenation's quantizer subtracts its offset from that."""
     upstream = _upstream(tensor, _GRID_KEEPING)
     if not isinstance(upstream, _QUANTIZING):
         raise ExportError(
@@ -546,12 +548,10 @@ def _concat_input_offset(plan: _Plan, layer, tensor, form: InferenceForm) -> flo
             f"(it comes from {upstream.name!r}); tfquant.quantize_model places them"
         )
     source = plan.activation_forms[id(upstream)]
-    same = activation_range(source, "input") == activation_range(form, "output") and (
-        float(source.offset) == float(form.offset)
-    )
-    if same:
+    same = activation_range(source, "input") == activation_range(form, "output")
+    if same and not float(form.offset):
         return None
-    return float(form.offset) - float(source.offset), plan.identity_site(tensor)
+    return float(form.offset), plan.identity_site(tensor)
 
 
 def _upstream_form(plan: _Plan, layer) -> InferenceForm:
@@ -566,8 +566,10 @@ def _upstream_form(plan: _Plan, layer) -> InferenceForm:
 
 
 def input_grid(layer, index: int = 0) -> dict:
-    """The int8 grid of `layer`'s input `index`, {scale, zero_point, offset}:
-    that of the quantizer upstream (through layers that keep the grid)."""
+    """The int8 grid of `layer`'s input `index`, {scale, zero_point}: that
+    of the quantizer upstream (through layers that keep the grid). A
+    quantizer's output excludes its offset, so the input's value is
+    `scale * (code - zero_point)` whatever that offset is."""
     upstream = _upstream(layer._inbound_nodes[0].input_tensors[index], _GRID_KEEPING)
     if not isinstance(upstream, _QUANTIZING):
         raise ExportError(f"layer {layer.name!r}: its input is on no quantizer's grid")
@@ -575,7 +577,6 @@ def input_grid(layer, index: int = 0) -> dict:
     return {
         "scale": float(np.ravel(form.scale)[0]),
         "zero_point": int8_zero_point(form),
-        "offset": float(form.offset),
     }
 
 

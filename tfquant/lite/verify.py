@@ -307,6 +307,12 @@ def compare_layers(keras_model, content: bytes, x: np.ndarray) -> list[dict]:
         interp.set_tensor(interp.get_input_details()[0]["index"], fed)
     interp.invoke()
     tensors = [t for t in interp.get_tensor_details() if t["dtype"] == np.int8]
+    names = {layer.name for layer in layers}
+
+    def scopes(tensor) -> set[str]:
+        # "conv/BiasAdd;concat__input1/depthwise" -> {"conv", "concat"}
+        return {p.split("/")[0].split("__input")[0] for p in tensor["name"].split(";")}
+
     rows = []
     for layer, output in zip(layers, outputs, strict=True):
         scale = grid_step(layer)
@@ -316,10 +322,11 @@ def compare_layers(keras_model, content: bytes, x: np.ndarray) -> list[dict]:
             if int(np.prod(t["shape"])) == output.size
             and np.isclose(t["quantization"][0], scale, rtol=1e-5)
         ]
-        named = [
-            t for t in same_grid if layer.name in {p.split("/")[0] for p in t["name"].split(";")}
-        ]
-        chosen = (named or same_grid or [None])[-1]
+        named = [t for t in same_grid if layer.name in scopes(t)]
+        # Unnamed (the converter named it after the op that computes it):
+        # any tensor on the grid that no other quantizer's scope claims.
+        unclaimed = [t for t in same_grid if not scopes(t) & (names - {layer.name})]
+        chosen = (named or unclaimed or [None])[-1]
         row = {"layer": layer.name, "tensor": None if chosen is None else chosen["name"]}
         if chosen is not None:
             step, zero_point = chosen["quantization"]
