@@ -379,3 +379,46 @@ def test_a_quantizer_calibrated_on_zeros_is_named(digits, monkeypatch):
     monkeypatch.setattr(verify, "compare_on_targets", refused)
     with pytest.raises(lite.ExportError, match="layer 'dead' has a quantization step of .* calib"):
         lite.export_model(qmodel, digits.x_test[:16], allow_mismatch=True)
+
+
+@pytest.mark.parametrize("method", ["lsq", "qil"])
+def test_many_quantizers_reading_one_tensor_stay_integer(method):
+    """NASNet's pattern: one quantized tensor read by several ReLUs, each with
+    its own (trained, so different) grid, and by a concatenation. Each read
+    is an identity convolution; identical ones would be merged by the
+    converter into one op that cannot keep two grids and falls back to
+    float."""
+    from test_random_graphs import move_learned_parameters
+
+    rng = np.random.default_rng(3)
+    inputs = keras.Input((6, 6, 3))
+    shared = L.Add()([L.Conv2D(8, 1)(inputs), L.Conv2D(8, 3, padding="same")(inputs)])
+    branches = [L.Conv2D(4, 1)(L.ReLU()(shared)) for _ in range(5)]
+    y = L.Concatenate()([shared, *branches])
+    outputs = L.Dense(5)(L.GlobalAveragePooling2D()(y))
+    model = keras.Model(inputs, outputs)
+    x = rng.normal(0.3, 1.0, (64, 6, 6, 3)).astype(np.float32)
+    scheme = {"weights": method, "activations": method, "bits": 4}
+    qmodel = tfquant.quantize_model(model, scheme, calibration_data=x)
+    move_learned_parameters(qmodel, rng)
+    result = lite.export_model(qmodel, x, allow_mismatch=True, runtimes=("default",))
+    assert lite_inspect.non_integer_ops(result.content) == []
+    verification = result.report["verification"]
+    assert verification["identical_output_codes"] == 1.0, verification
+
+
+def test_identity_convolutions_fold_to_distinct_weights():
+    """What keeps the converter from merging two identity convolutions that
+    read one tensor: their weights differ once their FakeQuant is folded, and
+    stay close enough to 1 that 127 * code / weight rounds to 127 * code."""
+    import tensorflow as tf
+
+    from tfquant.lite.integer_ops import MAX_IDENTITY_SITES, identity_weight
+
+    weights = np.float32([identity_weight(site) for site in range(MAX_IDENTITY_SITES)])
+    folded = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+        weights[None, :], -weights, weights, num_bits=8, narrow_range=True
+    ).numpy()[0]
+    assert weights[0] == 1.0 and len(set(folded.tolist())) == MAX_IDENTITY_SITES
+    codes = np.arange(-255, 256, dtype=np.float64)[:, None]
+    assert np.abs(127 * codes / weights.astype(np.float64) - 127 * codes).max() < 0.3

@@ -309,6 +309,8 @@ def _validated_requantization(requantization):
             "output_scale": float(requantization["output_scale"]),
             "offset": float(requantization.get("offset", 0.0)),
         }
+        if requantization.get("bias") is not None:
+            spec["bias"] = int(requantization["bias"])
         if spec["rounding"] == "float32":
             spec["scale"] = [float(v) for v in np.ravel(requantization["scale"])]
         else:
@@ -342,6 +344,7 @@ def _requantize(x, spec):
         spec["rounding"],
         spec["output_scale"],
         spec["offset"],
+        spec.get("bias"),
         **rule,
     )
 

@@ -114,25 +114,60 @@ def emit_plain(operation, args):
     raise ExportError(f"cannot lower layer {operation.name!r} of type {type(operation).__name__}")
 
 
+# Most identity convolutions that may read one tensor (see below).
+MAX_IDENTITY_SITES = 32
+
+
+def identity_weight(site: int) -> float:
+    """The weight of identity convolution `site`: 1 for site 0, then
+    distinct float32 values just above 1 (at most ~70 ulps, so that an int8
+    accumulator 127 * code divided by the weight stays within 0.3 of the
+    integer it equals for weight 1).
+
+    The converter merges ops that compute the same float values from one
+    tensor, and a merged op cannot keep two output grids (it falls back to
+    float): each identity convolution reading a tensor needs its own weight
+    value once its FakeQuant is folded. The values are those folds, found
+    by folding candidates 1 + 2j ulps with TensorFlow's own kernel.
+    """
+    return float(_identity_weights()[site])
+
+
+_FOLDED: list = []
+
+
+def _identity_weights() -> list:
+    if not _FOLDED:
+        ulps = np.arange(0, 4 * MAX_IDENTITY_SITES, 2, dtype=np.float32)
+        candidates = np.float32(1.0) + np.float32(2.0**-23) * ulps
+        with tf.init_scope():  # eager, also when called while tracing
+            folded = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+                candidates[None, :], -candidates, candidates, num_bits=8, narrow_range=True
+            ).numpy()[0]
+        for value in folded:
+            if value not in _FOLDED and value >= 1.0:
+                _FOLDED.append(value)
+    return _FOLDED
+
+
 def requantize_through_identity(x, offset, site: int = 0):
-    """x - offset as a 1x1 depthwise convolution with weight 1.
+    """x - offset as a 1x1 depthwise convolution with weight ~1 (`identity_weight`).
 
     A FakeQuant straight after another one is merged by the converter into
     one requantization, which rounds once where the Keras model rounds
     twice; a SUB of a constant would keep both roundings but runs outside
     the XNNPACK delegate. The convolution keeps both, stays in the delegate
-    and holds the offset in its bias (int32 at 1/127 of the input step).
+    and holds the offset in its int32 bias, which the exact inference form
+    reads back from the file (`tfquant.lite.match_integer_kernels`).
     """
     channels = int(x.shape[-1])
-    # The converter merges identical ops on one tensor, and a merged op
-    # cannot keep two output grids (it falls back to float): each `site`
-    # (numbered per tensor) quantizes the weight 1 with another range, which
-    # keeps the ops apart until they are quantized (the file then stores each
-    # weight as code 127 at scale 1/127). Ops onto equal grids may still be
-    # merged, which changes nothing they compute.
-    code = 127 - site
+    weight = identity_weight(site)
     kernel = tf.quantization.fake_quant_with_min_max_vars(
-        tf.ones((1, 1, channels, 1)), -127 / code, 127 / code, num_bits=8, narrow_range=True
+        tf.fill((1, 1, channels, 1), np.float32(weight)),
+        -weight,
+        weight,
+        num_bits=8,
+        narrow_range=True,
     )
     flat = x.shape.rank != 4
     y = tf.reshape(x, (-1, 1, 1, channels)) if flat else x

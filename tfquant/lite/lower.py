@@ -43,6 +43,7 @@ from tfquant.layers import (
     QuantDepthwiseConv2D,
 )
 from tfquant.lite.integer_ops import (
+    MAX_IDENTITY_SITES,
     PASS_THROUGH,
     ExportError,
     activation_range,
@@ -302,8 +303,10 @@ class _Plan:
         while isinstance(graph.producer(tensor), PASS_THROUGH):
             tensor = graph.producer(tensor)._inbound_nodes[0].input_tensors[0]
         site = self.identity_reads.get(id(tensor), 0)
-        if site >= 64:
-            raise ExportError("more than 64 quantizers read one tensor straight from another")
+        if site >= MAX_IDENTITY_SITES:
+            raise ExportError(
+                f"more than {MAX_IDENTITY_SITES} quantizers read one tensor straight from another"
+            )
         self.identity_reads[id(tensor)] = site + 1
         return site
 

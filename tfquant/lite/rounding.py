@@ -75,6 +75,8 @@ def _integer_ops(content: bytes) -> list[dict]:
             entry["storage"] = storage.get(weights["index"], "INT8")
             entry["input_depth"] = int(inputs[0]["shape"][-1])
             entry["weight_scales"] = np.asarray(weights["quantization_parameters"]["scales"])
+            if len(inputs) > 2 and inputs[2]["dtype"] == np.int32:
+                entry["bias"] = interp.get_tensor(inputs[2]["index"]).astype(np.int64)
         found.append(entry)
     return found
 
@@ -116,7 +118,7 @@ def match_integer_kernels(
             step = float(np.ravel(form.scale)[0])
             op = _op_computing(ops, scope, step, layer, source=input_grid(layer, what)["scale"])
             specs = concatenations.setdefault(layer.name, (layer, {}))[1]
-            specs[what] = _kernel_spec(op, target, float(form.offset))
+            specs[what] = _identity_spec(op, target, float(form.offset))
             continue
         quantizer = layer.input_quantizer if what == "input" else layer.quantizer
         form = quantizer.inference_form()
@@ -139,7 +141,10 @@ def match_integer_kernels(
             )
             chosen[layer.name] = "add"
             continue
-        spec = _kernel_spec(op, target, float(form.offset))
+        if what == "identity":
+            spec = _identity_spec(op, target, float(form.offset))
+        else:
+            spec = _kernel_spec(op, target, float(form.offset))
         if np.size(spec["accumulator_scale"]) > 1 and what == "input":
             continue  # per-channel rounding seen through a Flatten: channels are mixed
         if what == "input":
@@ -190,6 +195,18 @@ def _kernel_spec(op: dict, target: str, offset: float) -> dict:
     return spec
 
 
+def _identity_spec(op: dict, target: str, offset: float) -> dict:
+    """The spec of an identity convolution between two grids
+    (`tfquant.lite.integer_ops.requantize_through_identity`) with its int32
+    bias as the file holds it: the accumulator of an input on the grid is
+    then exactly the file's, 127 * code + bias, for any offset."""
+    if "bias" not in op or np.unique(op["bias"]).size != 1:
+        raise ExportError(f"op {op['output_name']!r}: an identity convolution without one bias")
+    spec = _kernel_spec(op, target, offset)
+    spec["bias"] = int(op["bias"][0])
+    return spec
+
+
 def _op_computing(
     ops: list[dict],
     scope: str,
@@ -217,7 +234,7 @@ def _op_computing(
             if op["op"] == "DEPTHWISE_CONV_2D"
             and np.isclose(op["output_scale"], step, rtol=1e-6)
             and np.isclose(op["input_scales"][0], source, rtol=1e-6)
-            and np.allclose(op["weight_scales"], 1 / 127, rtol=1e-6)
+            and np.allclose(op["weight_scales"], 1 / 127, rtol=1e-4)
         ][:1]
     if not candidates and not required:
         return None

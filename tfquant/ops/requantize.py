@@ -89,21 +89,32 @@ def apply_rounding(acc, rounding: str, scale=None, multiplier=None, exponent=Non
 
 
 def requantize(
-    x, accumulator_scale, rounding: str, output_scale: float, offset: float = 0.0, **rule
+    x,
+    accumulator_scale,
+    rounding: str,
+    output_scale: float,
+    offset: float = 0.0,
+    bias: int | None = None,
+    **rule,
 ):
     """Rounds float values `x` as the integer kernel rounds their accumulators.
 
     `(x - offset) / accumulator_scale` is the kernel's int32 accumulator
     (bias included; `accumulator_scale` = s_in * s_w per channel); it is
     rounded to that integer in float64 and requantized by `apply_rounding`.
+    With `bias` (the kernel's int32 bias, as its file holds it), the
+    accumulator is `x / accumulator_scale` rounded, plus `bias`, instead:
+    the kernel's own sum, whatever float offset the bias was made from.
     Returns `offset + output_scale * steps` in `x`'s dtype: on the output
     grid, where the quantizer that follows keeps it.
     """
     dtype = x.dtype
     values = tf.cast(x, tf.float64)
-    if offset:
+    if offset and bias is None:
         values = values - offset
     acc = tf.round(values / tf.constant(accumulator_scale, tf.float64))
+    if bias is not None:
+        acc = acc + float(bias)
     if rounding == "float32":
         # Integer-valued float64 to float32 rounds as int32 to float32 does:
         # no detour through int64 (three passes fewer over the tensor).
