@@ -250,7 +250,7 @@ def format_markdown(rows: Sequence[dict], args, seconds: float) -> str:
         "# keras.applications through tfquant",
         "",
         "Written by `make models` (`python -m benchmarks.models`); do not edit by hand.",
-        f"One run on this host, {seconds / 60:.0f} minutes. Each family: random initial weights, "
+        f"Made on this host in {seconds / 60:.0f} minutes. Each family: random initial weights, "
         f"{args.epochs} float epoch(s) on {args.train_samples} MNIST-10k digits resized to RGB, "
         f"then per scheme `tfquant.quantize_model` and {args.fine_tune_epochs} epoch(s) of "
         f"fine-tuning, exported with the default flags (INT8 weights) and verified on "
@@ -332,6 +332,29 @@ def format_markdown(rows: Sequence[dict], args, seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def previous_rows(path: str) -> list[dict]:
+    """The rows a run wrote to `path` (JSON), [] when there is none."""
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path) as stream:
+            rows = json.load(stream)
+    except ValueError as error:
+        raise SystemExit(f"--update: {path} is not a models.py JSON file ({error})") from None
+    for row in rows:  # JSON object keys are strings; the thread counts are ints
+        if "latency_ratio" in row:
+            row["latency_ratio"] = {int(k): v for k, v in row["latency_ratio"].items()}
+    return rows
+
+
+def merged_rows(previous: Sequence[dict], new: Sequence[dict]) -> list[dict]:
+    """`new` rows replace `previous` rows of the same family; in FAMILIES order."""
+    by_family = {row["family"]: row for row in previous}
+    by_family.update({row["family"]: row for row in new})
+    order = [family for family, _, _ in FAMILIES]
+    return sorted(by_family.values(), key=lambda row: order.index(row["family"]))
+
+
 def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", default=",".join(f for f, _, _ in FAMILIES))
@@ -348,6 +371,11 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tfmot_timeout", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--noarm64", dest="arm64", action="store_false")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the rows of --json_output for the families not run, and rewrite the table",
+    )
     parser.add_argument("--tfmot_family", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     known = {f: (s, k) for f, s, k in FAMILIES}
@@ -377,14 +405,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         for index, family in enumerate(args.family_list, 1):
             size, kwargs = known[family]
             log(f"[{index}/{len(args.family_list)}] {family} at {size}x{size}x3")
+            family_start = time.time()
             try:
-                rows.append(run_family(family, size, kwargs, data, args, workdir))
+                row = run_family(family, size, kwargs, data, args, workdir)
             except Exception as error:
                 traceback.print_exc()
-                rows.append(
-                    {"family": family, "input": f"{size}x{size}x3", "error": f"{error}"[:300]}
-                )
+                row = {"family": family, "input": f"{size}x{size}x3", "error": f"{error}"[:300]}
+            row["seconds"] = time.time() - family_start
+            rows.append(row)
     seconds = time.time() - start
+    if args.update:
+        rows = merged_rows(previous_rows(args.json_output), rows)
+        seconds = sum(row.get("seconds", 0.0) for row in rows)
     text = format_markdown(rows, args, seconds)
     fileio.write_atomically(args.output, text, make_directory=True)
     for row in rows:

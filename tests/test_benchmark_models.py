@@ -67,3 +67,23 @@ def test_run_writes_the_table_and_fails_on_an_unsupported_family(tmp_path):
     exported = rows["MobileNet"]["schemes"]["lsq_w8a8"]["targets"]
     assert exported["x86"]["identical_output_codes"] == 1.0
     assert "MobileNetV3Small" in output.read_text()
+
+
+def test_update_keeps_the_other_families_rows(tmp_path):
+    path = tmp_path / "models.json"
+    old = [
+        {"family": "MobileNet", "input": "64x64x3", "error": "old", "seconds": 60.0},
+        {"family": "ResNet50V2", "input": "64x64x3", "latency_ratio": {1: [1.0]}, "seconds": 120.0},
+    ]
+    path.write_text(json.dumps(old))
+    previous = models.previous_rows(str(path))
+    assert previous[1]["latency_ratio"] == {1: [1.0]}  # int keys again after JSON
+    new = [{"family": "MobileNet", "input": "64x64x3", "error": "new", "seconds": 30.0}]
+    merged = models.merged_rows(previous, new)
+    assert [(r["family"], r.get("error")) for r in merged] == [
+        ("MobileNet", "new"),
+        ("ResNet50V2", None),
+    ]
+    path.write_text("{not json")
+    with pytest.raises(SystemExit, match="models.json"):
+        models.previous_rows(str(path))
