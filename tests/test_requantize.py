@@ -91,3 +91,40 @@ def test_integer_add_matches_python_integers():
     # The float sum rounded to the output grid differs somewhere: the test can fail.
     float_sum = np.round((codes[0] * scales[0] + codes[1] * scales[1]) / 0.05)
     assert (float_sum != np.asarray(expected)).any()
+
+
+def test_a_product_scale_of_odd_sixteenths_rounds_alike_on_both_cpus():
+    """tfquant.lite.products: with s = M / 2^16 (M odd) XNNPACK's x86 rule
+    (float32, ties to even) and arm64 rule (exact, ties up) agree on every
+    product of two int8 codes (zero points removed, so in [-255, 255]) that
+    does not saturate the int8 output."""
+    from tfquant.lite import products
+
+    codes = np.arange(-255, 256, dtype=np.float64)
+    p = np.unique(np.outer(codes, codes))
+    for m in (1, 3, 255, 257, 511, 4097, 65535):
+        s = np.float32(m / 2.0**16)
+        assert products.safe(s)
+        reached = p[np.abs(p * float(s)) < 256]  # beyond, the int8 output saturates
+        a = tf.constant(reached, tf.float32)
+        b = tf.fill(a.shape, s)  # the code 1 on the grid s: the MUL's scale is s
+        x86 = R.multiply(a, b, [1.0, float(s)], 1.0, "float32").numpy()
+        arm64 = R.multiply(a, b, [1.0, float(s)], 1.0, "upward").numpy()
+        np.testing.assert_array_equal(x86, arm64)
+    # An even M: ties exist (16384 / 2^15 = 128 * 128 / 2^15 = 0.5).
+    assert not products.safe(np.float32(2 / 2.0**16))
+    s = np.float32(1 / 2.0**15)
+    a = tf.constant([16384.0, 3 * 16384.0])
+    b = tf.fill(a.shape, s)
+    x86 = R.multiply(a, b, [1.0, float(s)], 1.0, "float32").numpy()
+    arm64 = R.multiply(a, b, [1.0, float(s)], 1.0, "upward").numpy()
+    assert not np.array_equal(x86, arm64)
+
+
+def test_logistic_table_is_on_the_fixed_grid():
+    x = tf.constant(np.arange(-128, 128) * 0.05, tf.float32)
+    y = R.logistic(x, 0.05).numpy()
+    assert y.min() >= 0.0 and y.max() <= 255 / 256
+    np.testing.assert_array_equal(y * 256, np.round(y * 256))
+    expected = np.minimum(1 / (1 + np.exp(-x.numpy().astype(np.float64))), 255 / 256)
+    np.testing.assert_allclose(y, expected, atol=1 / 512 + 1e-7)

@@ -153,3 +153,45 @@ def add(inputs, input_scales, multipliers, shift: int, output_scale: float):
         total = total + codes * multiplier
     steps = tf.bitwise.right_shift(total, shift)
     return tf.cast(tf.cast(steps, tf.float64) * output_scale, dtype)
+
+
+MULTIPLY_ROUNDINGS = ("float32", "upward")
+
+
+def multiply(a, b, input_scales, output_scale: float, rounding: str):
+    """Multiplies tensors on grids `input_scales` as XNNPACK's int8 MUL does.
+
+    The product of the two inputs' codes (zero points removed) is an exact
+    integer `p`; with `s = float32(float32(s_a * s_b) / s_out)`:
+    * "float32" (x86): `round_half_even(float32(p) * s)` in float32;
+    * "upward" (arm64, rndnu): `floor(p * s + 1/2)`, exact.
+    Returns values on the output grid (zero point removed) in `a`'s dtype;
+    the quantizer that follows clamps them to its range.
+    """
+    if rounding not in MULTIPLY_ROUNDINGS:
+        raise ValueError(f"rounding must be one of {MULTIPLY_ROUNDINGS}, got {rounding!r}")
+    dtype = a.dtype
+    scale_a, scale_b = (np.float32(s) for s in input_scales)
+    scale = np.float32(np.float32(scale_a * scale_b) / np.float32(output_scale))
+    codes_a = tf.round(tf.cast(a, tf.float64) / float(scale_a))
+    codes_b = tf.round(tf.cast(b, tf.float64) / float(scale_b))
+    product = codes_a * codes_b
+    if rounding == "float32":
+        steps = tf.cast(tf.round(tf.cast(product, tf.float32) * scale), tf.float64)
+    else:
+        steps = tf.floor(product * float(scale) + 0.5)
+    return tf.cast(steps * float(output_scale), dtype)
+
+
+def logistic(x, input_scale: float):
+    """The sigmoid of values on the grid `input_scale` as XNNPACK's int8
+    LOGISTIC computes it: its table holds `float32(sigmoid(x))` (computed in
+    double from the code's value) times 256, rounded half to even, on the
+    fixed output grid 1/256 (codes 0..255 above the zero point -128).
+    Returns values on that grid in `x`'s dtype."""
+    dtype = x.dtype
+    scale = float(np.float32(input_scale))
+    values = tf.round(tf.cast(x, tf.float64) / scale) * scale
+    sigmoid = tf.cast(tf.cast(1.0 / (1.0 + tf.exp(-values)), tf.float32), tf.float64)
+    steps = tf.clip_by_value(tf.round(sigmoid * 256.0), 0.0, 255.0)
+    return tf.cast(steps / 256.0, dtype)
