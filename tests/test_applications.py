@@ -297,7 +297,16 @@ _SIZES = {"InceptionV3": 75}
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name",
-    ["MobileNet", "MobileNetV2", "ResNet50V2", "DenseNet121", "InceptionV3", "NASNetMobile"],
+    [
+        "MobileNet",
+        "MobileNetV2",
+        "EfficientNetB0",
+        "EfficientNetV2B0",
+        "ResNet50V2",
+        "DenseNet121",
+        "InceptionV3",
+        "NASNetMobile",
+    ],
 )
 @pytest.mark.parametrize("scheme", ["lsq_w8a8", "lsq_w4a4"])
 def test_application_exports_code_for_code(name, scheme):
@@ -309,3 +318,67 @@ def test_application_exports_code_for_code(name, scheme):
     _, found = _export(model, x, scheme)
     assert found["top1_agreement"] == 1.0, found
     _exact(found)
+
+
+def _gated_model():
+    """EfficientNet's layers: swish as an Activation and inside a Conv2D, a
+    squeeze-excite gate (a Conv2D with a sigmoid, broadcast by Multiply), Dropout."""
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(8, 3, padding="same", use_bias=False)(inputs)
+    x = L.BatchNormalization()(x)
+    x = L.Activation("swish")(x)
+    x = L.DepthwiseConv2D(3, padding="same")(x)
+    gate = L.Reshape((1, 1, 8))(L.GlobalAveragePooling2D()(x))
+    gate = L.Conv2D(4, 1, activation="swish")(gate)
+    gate = L.Conv2D(8, 1, activation="sigmoid")(gate)
+    x = L.Multiply()([x, gate])
+    x = L.Dropout(0.2)(L.Conv2D(8, 1)(x))
+    return keras.Model(inputs, L.Dense(5)(L.GlobalAveragePooling2D()(x)))
+
+
+@pytest.mark.parametrize("scheme", ["lsq_w8a8", "qil_w4a4"])
+def test_swish_sigmoid_and_multiply(scheme, tmp_path):
+    from test_random_graphs import move_learned_parameters
+
+    from tfquant.layers import QuantMultiply
+
+    keras.utils.set_random_seed(3)
+    model = _gated_model()
+    _randomize_batch_norm(model, seed=4)
+    x = _images(size=8, scale=2.0)
+    qmodel = tfquant.quantize_model(model, scheme, calibration_data=x[:64])
+    move_learned_parameters(qmodel, np.random.default_rng(5))
+    result = lite.export_model(qmodel, x, runtimes=("default",), allow_mismatch=True)
+    _exact(result.report["verification"])
+    ops = {op["op_name"] for op in lite.inspect.ops(result.content)}
+    assert {"LOGISTIC", "MUL"} <= ops, ops
+    products = [layer for layer in qmodel.layers if isinstance(layer, QuantMultiply)]
+    assert len(products) == 3  # two swish, one gate
+    assert set(result.report["products"]) == {layer.name for layer in products}
+    assert all(abs(change) < 0.01 for change in result.report["products"].values())
+    path = str(tmp_path / "gated.keras")
+    qmodel.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0))
+
+
+@pytest.mark.slow
+def test_multiply_computes_the_same_codes_on_x86_and_arm64():
+    """XNNPACK's MUL rounds differently on the two CPUs; with the product grids
+    the exporter chooses (tfquant.lite.align_products) both agree with Keras."""
+    from tfquant.lite import arm64
+
+    try:
+        arm64.check_environment()
+    except arm64.Arm64Error as error:
+        pytest.skip(f"no arm64 environment: {error}")
+    keras.utils.set_random_seed(7)
+    model = _gated_model()
+    _randomize_batch_norm(model, seed=8)
+    x = _images(count=128, size=8, scale=3.0, seed=9)
+    qmodel = tfquant.quantize_model(model, "lsq_w8a8", calibration_data=x[:64])
+    result = lite.export_model(
+        qmodel, x, targets=("x86", "arm64"), runtimes=("default",), allow_mismatch=True
+    )
+    for target in ("x86", "arm64"):
+        _exact(result.report["targets"][target]["default"])

@@ -213,3 +213,34 @@ def test_unsigned_kernel_quantizer_object_is_refused(layer_class):
             layer_class(kernel_quantizer=unsigned, name="weights_layer", **arguments)
     signed = quantizers.LSQQuantizer(bits=4, signed=True)
     assert layer_class(kernel_quantizer=signed, **arguments).kernel_quantizer is signed
+
+
+def test_quant_multiply_and_sigmoid_reload_with_their_integer_forms(tmp_path):
+    from tfquant.layers import QuantMultiply
+    from tfquant.quantizers import FixedRangeQuantizer
+
+    inputs = keras.Input((4, 4, 6))
+    gate = QuantActivation("sigmoid", quantizer=FixedRangeQuantizer(), name="gate")(inputs)
+    product = QuantMultiply(quantizer={"class_name": "minmax", "config": {"signed": True}})
+    model = keras.Model(inputs, product([inputs, gate]))
+    x = (np.random.default_rng(0).integers(-100, 100, (8, 4, 4, 6)) * 0.05).astype(np.float32)
+    product.quantizer.initialize(x)
+    gate_layer = model.get_layer("gate")
+    np.testing.assert_array_equal(gate_layer.quantizer.inference_form().scale, np.float32(1 / 256))
+    gate_layer.set_requantization({"input_scale": 0.05})
+    step = float(product.quantizer.inference_form().scale)
+    product.set_requantization(
+        {"input_scales": [0.05, 1 / 256], "output_scale": step, "rounding": "upward"}
+    )
+    before = model.predict(x, verbose=0)
+    path = tmp_path / "gated.keras"
+    model.save(path)
+    restored = keras.models.load_model(path)
+    np.testing.assert_array_equal(restored.predict(x, verbose=0), before)
+    assert restored.layers[-1].requantization == product.requantization
+    with pytest.raises(ValueError, match="invalid requantization"):
+        product.set_requantization({"input_scales": [0.05], "output_scale": step, "rounding": "up"})
+    with pytest.raises(ValueError, match="sigmoid's requantization"):
+        gate_layer.set_requantization({"scale": 0.05})
+    with pytest.raises(ValueError, match="low <= 0 < high"):
+        FixedRangeQuantizer(low=0.5, high=1.0)

@@ -30,6 +30,7 @@ from tfquant.layers import (
     QuantConv2D,
     QuantDense,
     QuantDepthwiseConv2D,
+    QuantMultiply,
     window_reaches_padding,
 )
 from tfquant.schemes import Scheme
@@ -64,6 +65,7 @@ _SUPPORTED = (
     _L.AveragePooling2D,
     _L.GlobalAveragePooling2D,
     _L.Add,
+    _L.Multiply,
     _L.Concatenate,
 ) + _GRID_PRESERVING
 # Per-channel x * a + b layers; Rescaling and Normalization become a
@@ -91,6 +93,7 @@ _QUANT_LAYERS = (
     QuantActivation,
     QuantAdd,
     QuantConcatenate,
+    QuantMultiply,
     QuantAveragePooling2D,
 )
 
@@ -345,7 +348,8 @@ class _ModelGraph:
 
 
 _RELU_ACTIVATIONS = ("relu", "relu6")
-_ACTIVATIONS = ("linear", "relu", "relu6", "softmax")
+_ACTIVATIONS = ("linear", "relu", "relu6", "softmax", "sigmoid", "silu", "swish")
+_SWISH = ("silu", "swish")
 
 
 def _activation_name(layer) -> str | None:
@@ -475,6 +479,19 @@ class _Builder:
             self.requantized[id(tensor)] = self._requantize(tensor)
         return self.requantized[id(tensor)]
 
+    def _sigmoid(self, tensor, name: str):
+        layer = QuantActivation("sigmoid", quantizer=_sigmoid_grid(), name=name)
+        return self._call_activation(layer, tensor)
+
+    def _swish(self, tensor, name: str):
+        """x * sigmoid(x): an integer LOGISTIC, then an integer MUL onto an
+        8-bit grid of its own (swish reaches below 0, to about -0.28)."""
+        x = self._grid(tensor)
+        gate = self._sigmoid(x, f"{name}_sigmoid")
+        out = QuantMultiply(quantizer=self._requantizer(), name=name)([x, gate])
+        self.on_grid.add(id(out))
+        return out
+
     def _call_activation(self, layer, tensor):
         self.activation_quantizers.append((layer.quantizer, tensor))
         out = layer(tensor)
@@ -510,6 +527,10 @@ class _Builder:
             new = QuantAveragePooling2D(**layer.get_config())
         elif type(layer) is _L.Concatenate:
             new = QuantConcatenate(quantizer=self._requantizer(), **layer.get_config())
+        elif type(layer) is _L.Multiply:
+            new = QuantMultiply(quantizer=self._requantizer(), **layer.get_config())
+        elif _activation_name(layer) == "sigmoid":
+            new = QuantActivation("sigmoid", quantizer=_sigmoid_grid(), name=layer.name)
         elif _activation_name(layer) in _RELU_ACTIVATIONS:
             quantizer = self._quantizer(
                 scheme.activations, scheme.resolved_activation_bits, signed=False
@@ -545,6 +566,10 @@ class _Builder:
                     scheme.activations, scheme.resolved_activation_bits, signed=False
                 )
                 out = self._call_activation(QuantActivation(inline, quantizer=quantizer), out)
+            elif inline == "sigmoid":
+                out = self._sigmoid(self._grid(out), f"{layer.name}_sigmoid")
+            elif inline in _SWISH:
+                out = self._swish(out, f"{layer.name}_swish")
             elif inline == "softmax":
                 if self.scheme.quantize_output:
                     out = self._requantize(out)
@@ -553,8 +578,12 @@ class _Builder:
                 out = self._requantize(out)
             return out
         if isinstance(layer, QuantActivation):
+            if layer.activation_name == "sigmoid":  # LOGISTIC reads int8 codes
+                return self._call_activation(layer, self._grid(args[0]))
             return self._call_activation(layer, args[0])
-        if isinstance(layer, (QuantAdd, QuantConcatenate)):
+        if isinstance(layer, _L.Activation) and _name_of(layer.activation) in _SWISH:
+            return self._swish(args[0], layer.name)
+        if isinstance(layer, (QuantAdd, QuantConcatenate, QuantMultiply)):
             inputs = [self._grid(t) for t in args[0]]
             # The sum always gets its own 8-bit grid (QuantAdd's quantizer),
             # also before a ReLU's quantizer: it gives an offset (QIL's c - d)
@@ -630,6 +659,8 @@ class _Builder:
             if isinstance(operation, QuantConcatenate):
                 joined = tf.concat(list(args[0]), axis=operation.axis)
                 operation.quantizer.initialize(np.asarray(joined))
+            if isinstance(operation, QuantMultiply):
+                operation.quantizer.initialize(np.asarray(args[0][0] * args[0][1]))
             outputs = operation(*args, **kwargs)
             for tensor in node.input_tensors:
                 uses[id(tensor)] -= 1
@@ -637,6 +668,11 @@ class _Builder:
                     values.pop(id(tensor), None)  # free what no later node reads
             for tensor, value in zip(node.outputs, tf.nest.flatten(outputs), strict=True):
                 computed(tensor, value)
+
+
+def _sigmoid_grid():
+    """TFLite's int8 LOGISTIC writes scale 1/256, zero point -128: [0, 255/256]."""
+    return quantizers.FixedRangeQuantizer(bits=8, low=0.0, high=255.0 / 256.0)
 
 
 def _reaches_padding(layer) -> bool:

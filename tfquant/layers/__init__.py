@@ -1,6 +1,6 @@
 """Quantized Keras layers."""
 
-from tfquant.layers.merging import QuantAdd, QuantConcatenate
+from tfquant.layers.merging import QuantAdd, QuantConcatenate, QuantMultiply
 from tfquant.layers.pooling import QuantAveragePooling2D, window_reaches_padding
 from tfquant.layers.quant_layers import (
     QuantActivation,
@@ -14,6 +14,7 @@ __all__ = [
     "QuantAdd",
     "QuantAveragePooling2D",
     "QuantConcatenate",
+    "QuantMultiply",
     "QuantConv2D",
     "QuantDense",
     "QuantDepthwiseConv2D",

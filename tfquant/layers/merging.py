@@ -173,3 +173,80 @@ class QuantConcatenate(_QuantizedResult, keras.layers.Concatenate):
                 None if spec is None else dict(spec) for spec in self.requantization
             ]
         return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class QuantMultiply(_QuantizedResult, keras.layers.Multiply):
+    """`keras.layers.Multiply` (two inputs, broadcast allowed) whose product
+    is quantized onto its own grid.
+
+    `tfquant.quantize_model` uses it for every Multiply (a squeeze-excite
+    gate) and for swish, x * sigmoid(x), with an 8-bit quantizer; in the
+    integer file the product is an int8 MUL. Its inputs must be on
+    quantizers' grids.
+
+    Args:
+      quantizer: a quantizer name, config dict or `Quantizer` (signed by default).
+      requantization: None, or the integer MUL's constants (see
+        `set_requantization`); the exporter sets it.
+      **kwargs: `keras.layers.Multiply`'s arguments.
+    """
+
+    def __init__(self, quantizer="minmax", requantization=None, **kwargs):
+        super().__init__(**kwargs)
+        self._set_quantizer(quantizer, requantization)
+
+    def set_requantization(self, requantization):
+        """Makes inference multiply exactly as the file's integer MUL.
+
+        XNNPACK's int8 MUL multiplies the inputs' codes and rounds the
+        product times `s_a * s_b / s_out` once, in float32 to even on x86
+        and exactly with ties up on arm64 (`tfquant.ops.requantize.multiply`).
+
+        Args:
+          requantization: None, or a dict with `input_scales` (two),
+            `output_scale` and `rounding` (one of
+            `tfquant.ops.requantize.MULTIPLY_ROUNDINGS`).
+        """
+        if requantization is None:
+            self.requantization = None
+            return
+        try:
+            spec = {
+                "input_scales": [float(v) for v in requantization["input_scales"]],
+                "output_scale": float(requantization["output_scale"]),
+                "rounding": str(requantization["rounding"]),
+            }
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(
+                "requantization must be a dict with input_scales, output_scale and rounding, "
+                f"got {requantization!r} ({error})"
+            ) from None
+        scales = spec["input_scales"] + [spec["output_scale"]]
+        if (
+            len(spec["input_scales"]) != 2
+            or not all(np.isfinite(v) and v > 0 for v in scales)
+            or spec["rounding"] not in requantize_ops.MULTIPLY_ROUNDINGS
+        ):
+            raise ValueError(f"invalid requantization {requantization!r}")
+        self.requantization = spec
+
+    def call(self, inputs, training=None):
+        spec = self.requantization
+        if spec is not None and not training and len(inputs) == 2:
+            product = requantize_ops.multiply(
+                inputs[0],
+                inputs[1],
+                spec["input_scales"],
+                spec["output_scale"],
+                spec["rounding"],
+            )
+        else:
+            product = super().call(inputs)
+        return self.quantizer(product, training=training)
+
+    def get_config(self):
+        config = self._quantizer_config(super().get_config())
+        if self.requantization is not None:
+            config["requantization"] = dict(self.requantization)
+        return config

@@ -294,7 +294,7 @@ class QuantDense(_QuantizedKernelMixin, keras.layers.Dense):
         return {**super().get_config(), **self._quantizer_config()}
 
 
-_SUPPORTED_ACTIVATIONS = ("linear", "relu", "relu6", "softmax")
+_SUPPORTED_ACTIVATIONS = ("linear", "relu", "relu6", "softmax", "sigmoid")
 
 
 def _validated_requantization(requantization):
@@ -331,6 +331,22 @@ def _validated_requantization(requantization):
     return spec
 
 
+def _validated_logistic(requantization):
+    """A sigmoid QuantActivation's spec: {"input_scale": the int8 step of its input}."""
+    if requantization is None:
+        return None
+    try:
+        scale = float(requantization["input_scale"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"a sigmoid's requantization must be a dict with input_scale, got {requantization!r} "
+            f"({error})"
+        ) from None
+    if not (np.isfinite(scale) and scale > 0):
+        raise ValueError(f"invalid requantization {requantization!r}")
+    return {"input_scale": scale}
+
+
 def _requantize(x, spec):
     """`tfquant.ops.requantize.requantize` with a `set_requantization` spec."""
     rule = (
@@ -358,9 +374,11 @@ class QuantActivation(keras.layers.Layer):
     same output, one pass over the tensor fewer.
 
     Args:
-      activation: "relu", "relu6", "linear" or "softmax".
+      activation: "relu", "relu6", "linear", "softmax" or "sigmoid".
       quantizer: a quantizer name, config dict or `Quantizer` (unsigned
-        by default after relu/relu6/softmax, signed after linear).
+        by default after relu/relu6/softmax/sigmoid, signed after linear).
+        After a sigmoid, use `FixedRangeQuantizer()` (TFLite's LOGISTIC
+        writes the grid [0, 255/256]).
       requantization: None, or how the integer kernel that produces this
         tensor rounds (see `set_requantization`); the exporter sets it.
     """
@@ -401,7 +419,9 @@ class QuantActivation(keras.layers.Layer):
         export again after more training.
 
         Args:
-          requantization: None, or a dict with `rounding` (one of
+          requantization: None; for a sigmoid, {"input_scale": s} (the
+            integer LOGISTIC's input step; inference then computes its
+            table); otherwise a dict with `rounding` (one of
             `tfquant.ops.requantize.ROUNDINGS`), `accumulator_scale` (input
             step x weight step, per channel or one), `output_scale`,
             `offset`, and the rule's constants: `scale` for "float32",
@@ -409,6 +429,9 @@ class QuantActivation(keras.layers.Layer):
             channel or one). A dict of the earlier form (`exponents`) is
             dropped: inference rounds once until the next export.
         """
+        if self.activation_name == "sigmoid":
+            self.requantization = _validated_logistic(requantization)
+            return
         self.requantization = _validated_requantization(requantization)
 
     def build(self, input_shape):
@@ -418,6 +441,10 @@ class QuantActivation(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         if self.requantization is not None and not training:
+            if self.activation_name == "sigmoid":
+                # LOGISTIC reads the input's codes and looks its result up.
+                values = requantize_ops.logistic(inputs, self.requantization["input_scale"])
+                return self.quantizer(values, training=training)
             # The kernel's rounding first, then its fused clamp (relu6 clamps
             # the value the kernel computed, on the output grid).
             inputs = _requantize(inputs, self.requantization)

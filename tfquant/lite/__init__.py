@@ -19,6 +19,7 @@ from tfquant.lite.lower import (
     align_levels,
     lower_model,
 )
+from tfquant.lite.products import align_products
 from tfquant.lite.rounding import match_integer_kernels
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "ExportError",
     "align_biases",
     "align_levels",
+    "align_products",
     "ExportResult",
     "export_model",
     "format_report",

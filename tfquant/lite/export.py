@@ -21,6 +21,7 @@ from tfquant.lite.lower import (
     align_levels,
     lower_model,
 )
+from tfquant.lite.products import align_products
 from tfquant.lite.rounding import match_integer_kernels
 
 
@@ -116,6 +117,9 @@ def export_model(
         the report as `bias_shift_max`. Learned non-uniform weight levels (DQ)
         are first rounded onto their int8 codes (`tfquant.lite.align_levels`,
         at most half an int8 step, reported as `level_shift_max` in int8 steps).
+        Each `QuantMultiply`'s output grid is moved so that its integer MUL
+        rounds alike on x86 and arm64 (`tfquant.lite.align_products`; the
+        relative change of each step is in the report as `products`).
       targets: the CPU architectures whose LiteRT kernels run the file for
         the verification: "x86" and/or "arm64". Default: the host's own, and
         `target` too when the file has INT4 weights. On an x86 host, "arm64"
@@ -172,6 +176,9 @@ def export_model(
                 "with --data)"
             )
         level_shifts = align_levels(model) if align else {}
+        # Product grids first: they are input grids of the kernels whose
+        # biases align_biases then puts on the int32 grid.
+        products = align_products(model) if align else {}
         shifts = align_biases(model) if align else {}
         lowered = lower_model(model, int4_weights=int4_weights)
         content = convert_lowered(lowered, output_type)
@@ -183,6 +190,7 @@ def export_model(
             if layer.name in level_shifts:
                 layer.level_shift_max = level_shifts[layer.name]
         layers = [layer.to_dict() for layer in lowered.layers]
+        _check_steps(layers)
     problems = lite_inspect.non_integer_ops(content)
     if problems:
         raise ExportError("the converted model is not fully integer:\n  " + "\n  ".join(problems))
@@ -237,6 +245,8 @@ def export_model(
         "min_agreement": min_agreement,
         "min_identical_codes": min_identical_codes,
     }
+    if not post_training and align:
+        report["products"] = products
     for target, by_runtime in by_target.items():
         checked = by_runtime[verify.CHECKED_RUNTIME]
         for what, found, bar in (
@@ -251,6 +261,22 @@ def export_model(
                     "--allow_mismatch to write it anyway)"
                 )
     return ExportResult(content, report)
+
+
+# Below this an int8 requantization multiplier leaves the range LiteRT's
+# kernels take, and some abort the process instead of reporting an error.
+_SMALLEST_STEP = 1e-7
+
+
+def _check_steps(layers: list[dict]) -> None:
+    steps = [(r["activation_scale"], r["name"]) for r in layers if "activation_scale" in r]
+    step, name = min(steps, default=(1.0, None))
+    if step < _SMALLEST_STEP:
+        raise ExportError(
+            f"layer {name!r} has a quantization step of {step:.3g}: its quantizer was "
+            "calibrated on (nearly) constant values, and LiteRT cannot run the file; "
+            "calibrate it on data that reaches the layer, or train it further"
+        )
 
 
 def write_atomically(path: str, data: bytes | str) -> None:

@@ -41,6 +41,7 @@ from tfquant.layers import (
     QuantConv2D,
     QuantDense,
     QuantDepthwiseConv2D,
+    QuantMultiply,
 )
 from tfquant.lite.integer_ops import (
     MAX_IDENTITY_SITES,
@@ -61,7 +62,7 @@ from tfquant.quantizers import InferenceForm
 _L = keras.layers
 _KERNEL_LAYERS = (QuantConv2D, QuantDepthwiseConv2D, QuantDense)
 # Layers whose output is a quantizer's grid.
-_QUANTIZING = (QuantActivation, QuantAdd, QuantConcatenate)
+_QUANTIZING = (QuantActivation, QuantAdd, QuantConcatenate, QuantMultiply)
 
 
 @dataclasses.dataclass
@@ -267,6 +268,10 @@ def integer_producers(model: keras.Model) -> list[tuple]:
             found.append((operation, operation.name, "identity"))
         elif isinstance(operation, QuantAdd):
             found.append((operation, operation.name, "add"))
+        elif isinstance(operation, QuantMultiply):
+            found.append((operation, operation.name, "mul"))
+        elif isinstance(operation, QuantActivation) and operation.activation_name == "sigmoid":
+            found.append((operation, operation.name, "logistic"))
         elif isinstance(operation, (*_KERNEL_LAYERS, QuantActivation)):
             if isinstance(operation, _KERNEL_LAYERS) and operation.input_quantizer is None:
                 continue
@@ -331,6 +336,13 @@ class _Plan:
                 x, operation.pool_size, operation.strides, operation.padding.upper()
             )
             return fake_quant_activation(y, form, where)
+        if isinstance(operation, QuantMultiply):
+            # MUL reads both inputs' int8 codes and requantizes the product once.
+            form = self.activation_forms[id(operation)]
+            y = args[0][0] * args[0][1] if len(args) == 1 else args[0] * args[1]
+            if form.offset:
+                y = y - form.offset
+            return fake_quant_activation(y, form, f"layer {operation.name!r}")
         if isinstance(operation, QuantAdd):
             form = self.activation_forms[id(operation)]
             y = emit_plain(operation, args)
@@ -400,6 +412,8 @@ class _Plan:
             x = offset_relu(x, form, 6.0 if layer.activation_name == "relu6" else None)
         elif layer.activation_name == "softmax":
             x = tf.nn.softmax(x)
+        elif layer.activation_name == "sigmoid":
+            x = tf.sigmoid(x)
         return fake_quant_activation(x, form, f"layer {layer.name!r}")
 
 
@@ -425,6 +439,7 @@ _GRID_KEEPING = (
 _LOWERABLE = (
     _L.Add,
     QuantConcatenate,
+    QuantMultiply,
     _L.MaxPooling2D,
     _L.GlobalMaxPooling2D,
     _L.AveragePooling2D,
@@ -469,7 +484,11 @@ def _plan(order, consumers, int4_weights: bool) -> _Plan:
                     for tensor in node.input_tensors
                 ]
             producer = graph.producer(node.input_tensors[0])
-            if isinstance(operation, QuantActivation) and isinstance(producer, _QUANTIZING):
+            if (
+                isinstance(operation, QuantActivation)
+                and operation.activation_name != "sigmoid"  # LOGISTIC reads the codes
+                and isinstance(producer, _QUANTIZING)
+            ):
                 plan.after_quantizer[id(operation)] = plan.identity_site(node.input_tensors[0])
             plan.reports.append(
                 LayerReport(
@@ -602,7 +621,11 @@ def _upstream(tensor, through: tuple):
 
 
 def _sole_consumer(operation, consumers):
+    """The one layer that reads `operation`'s result (through layers that
+    pass it unchanged at inference, e.g. Dropout), else None."""
     following = consumers.get(id(operation), [])
+    while len(following) == 1 and isinstance(following[0], PASS_THROUGH):
+        following = consumers.get(id(following[0]), [])
     return following[0] if len(following) == 1 else None
 
 

@@ -12,7 +12,10 @@ runtime on the target CPU (`tfquant.ops.requantize`):
   builtin kernels through ruy: one rounding on arm64, two on x86.
 * INT4 DEPTHWISE_CONV_2D: builtin kernels, two roundings on both CPUs.
 
-Each `QuantAdd` gets the constants of XNNPACK's integer ADD.
+Each `QuantAdd` gets the constants of XNNPACK's integer ADD; each
+`QuantMultiply` the rounding of XNNPACK's integer MUL on the target (float32
+to even on x86, exact with ties up on arm64); each sigmoid `QuantActivation`
+the input step of XNNPACK's LOGISTIC table.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from tfquant.layers import (
     QuantActivation,
     QuantAdd,
     QuantConcatenate,
+    QuantMultiply,
 )
 from tfquant.lite import inspect as lite_inspect
 from tfquant.lite.lower import TARGETS, ExportError, input_grid, integer_producers
@@ -51,14 +55,14 @@ def _scopes(tensor_name: str) -> set[str]:
 
 
 def _integer_ops(content: bytes) -> list[dict]:
-    """Each CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED / ADD op of the file
+    """Each CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED / ADD / MUL / LOGISTIC op of the file
     with its input scales, weight scales and storage, and output tensor."""
     interp = lite_inspect.interpreter(content)
     details = {d["index"]: d for d in interp.get_tensor_details()}
     storage = lite_inspect.storage_types(content)
     found = []
     for op in interp._get_ops_details():
-        if op["op_name"] not in (*_KERNEL_OPS, "ADD"):
+        if op["op_name"] not in (*_KERNEL_OPS, "ADD", "MUL", "LOGISTIC"):
             continue
         inputs = [details[int(i)] for i in op["inputs"] if int(i) >= 0]
         output = details[int(op["outputs"][0])]
@@ -68,9 +72,9 @@ def _integer_ops(content: bytes) -> list[dict]:
             "output_scale": float(output["quantization"][0]),
             "output_name": output["name"],
         }
-        if op["op_name"] == "ADD":
+        if op["op_name"] in ("ADD", "MUL"):
             entry["input_scales"].append(float(inputs[1]["quantization"][0]))
-        else:
+        elif op["op_name"] != "LOGISTIC":
             weights = inputs[1]
             entry["storage"] = storage.get(weights["index"], "INT8")
             entry["input_depth"] = int(inputs[0]["shape"][-1])
@@ -127,6 +131,24 @@ def match_integer_kernels(
         op = _op_computing(ops, scope, step, layer, what != "input", source)
         if op is None:
             continue  # a pooling the file keeps as AVERAGE_POOL_2D: rounded in float
+        if what == "mul":
+            if op["op"] != "MUL":
+                raise ExportError(f"layer {layer.name!r}: computed by {op['op']}, not MUL")
+            layer.set_requantization(
+                {
+                    "input_scales": op["input_scales"],
+                    "output_scale": op["output_scale"],
+                    "rounding": "upward" if target == "arm64" else "float32",
+                }
+            )
+            chosen[layer.name] = "mul"
+            continue
+        if what == "logistic":
+            if op["op"] != "LOGISTIC":
+                raise ExportError(f"layer {layer.name!r}: computed by {op['op']}, not LOGISTIC")
+            layer.set_requantization({"input_scale": op["input_scales"][0]})
+            chosen[layer.name] = "logistic"
+            continue
         if what == "add":
             constants = requantize_ops.add_multipliers(op["input_scales"], op["output_scale"])
             if op["op"] != "ADD" or constants is None or form.offset:
@@ -157,7 +179,7 @@ def match_integer_kernels(
         chosen[layer.name] = "concatenation"
     for layer in model.layers:  # clear what an earlier export set and this one did not
         if (
-            isinstance(layer, (QuantActivation, QuantAdd, QuantConcatenate))
+            isinstance(layer, (QuantActivation, QuantAdd, QuantConcatenate, QuantMultiply))
             and layer.name not in chosen
         ):
             layer.set_requantization(None)

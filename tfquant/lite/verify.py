@@ -285,10 +285,16 @@ def compare_layers(keras_model, content: bytes, x: np.ndarray) -> list[dict]:
     import keras
     from ai_edge_litert.interpreter import Interpreter
 
-    from tfquant.layers import QuantActivation, QuantAdd, QuantAveragePooling2D, QuantConcatenate
+    from tfquant.layers import (
+        QuantActivation,
+        QuantAdd,
+        QuantAveragePooling2D,
+        QuantConcatenate,
+        QuantMultiply,
+    )
 
     def grid_step(layer) -> float | None:
-        if isinstance(layer, (QuantActivation, QuantAdd, QuantConcatenate)):
+        if isinstance(layer, (QuantActivation, QuantAdd, QuantConcatenate, QuantMultiply)):
             return float(np.ravel(layer.quantizer.inference_form().scale)[0])
         if isinstance(layer, QuantAveragePooling2D) and layer.requantization is not None:
             return layer.requantization["scale"]  # it keeps its input's grid

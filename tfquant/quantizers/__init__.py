@@ -18,6 +18,7 @@ from tfquant.quantizers.dq import ChannelAwareActivationQuantizer, DirectQuantiz
 from tfquant.quantizers.qil import QILQuantizer, qil_activation_quantize, qil_weight_quantize
 from tfquant.quantizers.qnet import QuantizationNetworkQuantizer, TemperatureScheduler, qn_phase
 from tfquant.quantizers.uniform import (
+    FixedRangeQuantizer,
     LSQQuantizer,
     MinMaxQuantizer,
     PACTQuantizer,
@@ -29,6 +30,7 @@ __all__ = [
     "CPQQuantizer",
     "ChannelAwareActivationQuantizer",
     "DirectQuantizer",
+    "FixedRangeQuantizer",
     "InferenceForm",
     "LSQQuantizer",
     "LearnedBitsLogger",

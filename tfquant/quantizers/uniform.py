@@ -216,6 +216,57 @@ class MinMaxQuantizer(Quantizer):
         return config
 
 
+@register("fixed_range")
+class FixedRangeQuantizer(Quantizer):
+    """A grid that does not learn: `fake_quant_with_min_max_vars` on [low, high].
+
+    For tensors whose integer kernel fixes the grid: TFLite's int8 LOGISTIC
+    (sigmoid) writes scale 1/256 and zero point -128, i.e. [0, 255/256]
+    (the defaults).
+
+    Args:
+      bits: 2..8.
+      low, high: the range; low <= 0 < high.
+      signed: whether the range reaches below 0 (set from `low`).
+    """
+
+    def __init__(self, bits=8, low=0.0, high=255.0 / 256.0, signed=None, **kwargs):
+        low, high = float(low), float(high)
+        if not (np.isfinite(low) and np.isfinite(high) and low <= 0.0 < high):
+            raise ValueError(f"fixed_range needs low <= 0 < high, got low={low}, high={high}")
+        super().__init__(bits=check_bits(bits, "fixed_range"), signed=low < 0.0, **kwargs)
+        self.low, self.high = low, high
+        self.clips_negative = low == 0.0
+
+    def call(self, inputs, training=None):
+        return tf.quantization.fake_quant_with_min_max_vars(
+            inputs, self.low, self.high, num_bits=self.bits
+        )
+
+    def initialize(self, values):
+        check_finite_array(values, "fixed_range calibration values")
+
+    def inference_form(self, weights=None):
+        scale, zero_point = nudged_scale_zero_point(self.low, self.high, self.bits)
+        return InferenceForm(
+            bits=self.bits,
+            signed=self.signed,
+            scale=np.float32(scale),
+            zero_point=zero_point,
+            code_min=0,
+            code_max=2**self.bits - 1,
+        )
+
+    def parameters(self):
+        return {"low": self.low, "high": self.high}
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(low=self.low, high=self.high)
+        config.pop("signed", None)
+        return config
+
+
 def nudged_scale_zero_point(low: float, high: float, bits: int) -> tuple[float, int]:
     """The scale and zero point `fake_quant_with_min_max_vars` uses for
     [low, high] at `bits` (it nudges the range so that 0 is a code)."""
