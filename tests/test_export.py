@@ -381,6 +381,19 @@ def test_a_quantizer_calibrated_on_zeros_is_named(digits, monkeypatch):
         lite.export_model(qmodel, digits.x_test[:16], allow_mismatch=True)
 
 
+def test_a_degenerate_step_is_named_before_litert_runs(digits):
+    """LiteRT aborts the process on some requantization multipliers out of
+    range: a near-zero step is refused first, naming the layer."""
+    inputs = keras.Input(digits.input_shape)
+    x = L.ReLU(name="dead")(L.Conv2D(4, 3, padding="same")(inputs))
+    model = keras.Model(inputs, L.Dense(3)(L.Flatten()(x)))
+    scheme = {"weights": "lsq", "activations": "minmax", "bits": 8}
+    qmodel = tfquant.quantize_model(model, scheme, calibration_data=digits.x_train[:64])
+    qmodel.get_layer("dead").quantizer.range_max.assign(1e-9)
+    with pytest.raises(lite.ExportError, match="layer 'dead' has a quantization step of .* calib"):
+        lite.export_model(qmodel, digits.x_test[:16], allow_mismatch=True)
+
+
 @pytest.mark.parametrize("method", ["lsq", "qil"])
 def test_many_quantizers_reading_one_tensor_stay_integer(method):
     """NASNet's pattern: one quantized tensor read by several ReLUs, each with

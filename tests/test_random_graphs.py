@@ -17,7 +17,7 @@ import pytest
 
 import tfquant
 from tfquant import lite
-from tfquant.layers import QuantActivation, QuantAdd
+from tfquant.layers import QuantActivation, QuantAdd, QuantConcatenate, QuantMultiply
 from tfquant.lite import verify
 
 L = keras.layers
@@ -40,6 +40,8 @@ def _random_model(rng: np.random.Generator) -> keras.Model:
                 "affine",
                 "branch",
                 "concat",
+                "swish",
+                "gate",
             ]
         )
         relu = L.ReLU(6.0) if rng.integers(2) else L.ReLU()
@@ -62,6 +64,19 @@ def _random_model(rng: np.random.Generator) -> keras.Model:
         if kind == "concat":
             y = relu(L.Conv2D(int(rng.integers(2, 6)), 3, padding="same")(x))
             x = L.Concatenate()([x, y] if rng.integers(2) else [y, x, y])
+            continue
+        if kind == "swish":
+            if rng.integers(2):
+                x = L.Conv2D(int(rng.integers(3, 9)), 3, padding="same", activation="swish")(x)
+            else:
+                x = L.Activation("swish")(L.BatchNormalization()(x))
+            continue
+        if kind == "gate":
+            # Squeeze-excite: a sigmoid per channel, broadcast by Multiply.
+            channels = int(x.shape[-1])
+            gate = L.Reshape((1, 1, channels))(L.GlobalAveragePooling2D()(x))
+            gate = L.Conv2D(channels, 1, activation="sigmoid")(gate)
+            x = L.Multiply()([x, gate])
             continue
         if kind in ("preact", "affine"):
             x = L.BatchNormalization()(x)
@@ -135,7 +150,7 @@ def check_random_graph(seed: int) -> dict:
         steps = [
             float(np.ravel(layer.quantizer.inference_form().scale)[0])
             for layer in qmodel.layers
-            if isinstance(layer, (QuantActivation, QuantAdd))
+            if isinstance(layer, (QuantActivation, QuantAdd, QuantConcatenate, QuantMultiply))
         ]
         if qmodel.predict(x, verbose=0).std() > 1e-3 and min(steps) > 1e-5:
             break
