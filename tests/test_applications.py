@@ -300,6 +300,7 @@ _SIZES = {"InceptionV3": 75}
     [
         "MobileNet",
         "MobileNetV2",
+        "MobileNetV3Small",
         "EfficientNetB0",
         "EfficientNetV2B0",
         "ResNet50V2",
@@ -382,3 +383,29 @@ def test_multiply_computes_the_same_codes_on_x86_and_arm64():
     )
     for target in ("x86", "arm64"):
         _exact(result.report["targets"][target]["default"])
+
+
+@pytest.mark.parametrize("scheme", ["lsq_w8a8", "qil_w4a4"])
+def test_hard_swish_and_raw_hard_sigmoid(scheme):
+    """MobileNetV3's layers: Activation("hard_swish"), and a squeeze-excite gate
+    whose hard-sigmoid is written with raw keras.ops calls."""
+    from test_random_graphs import move_learned_parameters
+
+    inputs = keras.Input((8, 8, 3))
+    x = L.Rescaling(1.0 / 127.5, offset=-1.0)(inputs)
+    x = L.Conv2D(8, 3, padding="same", use_bias=False)(x)
+    x = L.Activation("hard_swish")(L.BatchNormalization()(x))
+    gate = L.GlobalAveragePooling2D(keepdims=True)(x)
+    gate = L.Conv2D(8, 1)(L.ReLU()(L.Conv2D(4, 1)(gate)))
+    gate = L.ReLU(6.0)(gate + 3.0) * (1.0 / 6.0)
+    x = L.Multiply()([x, gate])
+    model = keras.Model(inputs, L.Dense(5)(L.Flatten()(L.Conv2D(4, 1)(x))))
+    keras.utils.set_random_seed(11)
+    _randomize_batch_norm(model, seed=12)
+    x_data = _images(size=8, scale=255.0)
+    qmodel = tfquant.quantize_model(model, scheme, calibration_data=x_data[:64])
+    move_learned_parameters(qmodel, np.random.default_rng(13))
+    names = [layer.name for layer in qmodel.layers]
+    assert any(name.endswith("_hard_sigmoid") for name in names)
+    result = lite.export_model(qmodel, x_data, runtimes=("default",), allow_mismatch=True)
+    _exact(result.report["verification"])

@@ -144,7 +144,8 @@ def quantize_model(
     ['QuantConv2D', 'QuantActivation']
     """
     scheme = Scheme.from_any(scheme)
-    functional = _flattened(_checked_operations(_as_functional(model)))
+    functional = _as_functional(model)
+    functional = _flattened(_checked_operations(functional, _hard_sigmoid_patterns(functional)))
     model_graph = _ModelGraph(functional)
     builder = _Builder(scheme, model_graph, _LayerSchemes(scheme, layers, functional))
     qmodel = keras.models.clone_model(
@@ -184,12 +185,12 @@ def _as_functional(model) -> keras.Model:
     return model
 
 
-def _checked_operations(model: keras.Model) -> keras.Model:
-    """`model`, if every node of its graph is a layer: a `keras.ops` call
-    written in a functional model (`x * 0.5`, `keras.ops.relu(x)`) is named,
-    since it has no quantized twin."""
+def _checked_operations(model: keras.Model, known=()) -> keras.Model:
+    """`model`, if every node of its graph is a layer or in `known` (ids of
+    recognized patterns): a `keras.ops` call written in a functional model
+    (`x * 0.5`, `keras.ops.relu(x)`) is named, since it has no quantized twin."""
     for operation in getattr(model, "operations", model.layers):
-        if not isinstance(operation, keras.layers.Layer):
+        if not isinstance(operation, keras.layers.Layer) and id(operation) not in known:
             raise ValueError(
                 f"quantize_model cannot quantize operation {operation.name!r} of model "
                 f"{model.name!r}: a keras.ops call ({type(operation).__name__}) in the "
@@ -200,13 +201,48 @@ def _checked_operations(model: keras.Model) -> keras.Model:
     return model
 
 
+def _is_scalar(node, value: float) -> bool:
+    numbers = [a for a in node.arguments.args if isinstance(a, (int, float))]
+    return len(numbers) == 1 and abs(float(numbers[0]) - value) < 1e-6
+
+
+def _hard_sigmoid_patterns(model: keras.Model) -> dict[int, str]:
+    """The raw-op hard-sigmoid `ReLU(6.)(x + 3.) * (1. / 6.)` (MobileNetV3
+    writes it so): {id(op): "start" | "pass"} for its add, ReLU and multiply."""
+    order = graph.nodes_in_order(model)
+    consumers = graph.consumers_of(order)
+    found: dict[int, str] = {}
+    for operation, node in order:
+        if isinstance(operation, keras.layers.Layer) or type(operation).__name__ != "Add":
+            continue
+        if not _is_scalar(node, 3.0):
+            continue
+        relu = consumers.get(id(operation), [])
+        if len(relu) != 1 or _activation_name(relu[0]) != "relu6":
+            continue
+        scaled = consumers.get(id(relu[0]), [])
+        if (
+            len(scaled) != 1
+            or isinstance(scaled[0], keras.layers.Layer)
+            or type(scaled[0]).__name__ != "Multiply"
+            or not _is_scalar(scaled[0]._inbound_nodes[0], 1.0 / 6.0)
+        ):
+            continue
+        found.update({id(operation): "start", id(relu[0]): "pass", id(scaled[0]): "pass"})
+    return found
+
+
 def _flattened(model: keras.Model) -> keras.Model:
     """`model` with every nested model (a base model inside a head, a
     Sequential block) replaced by its layers, so that each is quantized as
     if it had been written inline, and each SeparableConv2D by its
     DepthwiseConv2D and 1x1 Conv2D. Nested layers are copies with the same
     weights; a layer used several times stays one layer."""
-    if not any(isinstance(layer, (keras.Model, _L.SeparableConv2D)) for layer in model.layers):
+    if not any(
+        isinstance(layer, (keras.Model, _L.SeparableConv2D))
+        or not isinstance(layer, keras.layers.Layer)
+        for layer in getattr(model, "operations", model.layers)
+    ):
         return model
     copies: dict[int, Any] = {}
 
@@ -247,12 +283,26 @@ def _flattened(model: keras.Model) -> keras.Model:
         return y
 
     def run(inner, tensors):
-        inner = _checked_operations(_as_functional(inner))
+        inner = _as_functional(inner)
+        patterns = _hard_sigmoid_patterns(inner)
+        inner = _checked_operations(inner, patterns)
         values = {id(t): v for t, v in zip(inner.inputs, tensors, strict=True)}
         for operation, node in graph.nodes_in_order(inner):
             if node.is_input:
                 continue
             args, kwargs = node.arguments.fill_in(values)
+            if id(operation) in patterns:
+                # relu6(x + 3) / 6 as one hard-sigmoid activation; the ReLU6
+                # and the division pass its result on.
+                x = next(a for a in args if isinstance(a, keras.KerasTensor))
+                if patterns[id(operation)] == "start":
+                    if id(operation) not in copies:
+                        copies[id(operation)] = _L.Activation(
+                            "hard_sigmoid", name=f"{operation.name}_hard_sigmoid"
+                        )
+                    x = copies[id(operation)](x)
+                values[id(node.outputs[0])] = x
+                continue
             if isinstance(operation, keras.Model):
                 outputs = run(operation, tf.nest.flatten((args, kwargs.pop("inputs", ()))))
             elif isinstance(operation, _L.SeparableConv2D):
@@ -348,8 +398,20 @@ class _ModelGraph:
 
 
 _RELU_ACTIVATIONS = ("relu", "relu6")
-_ACTIVATIONS = ("linear", "relu", "relu6", "softmax", "sigmoid", "silu", "swish")
+_ACTIVATIONS = (
+    "linear",
+    "relu",
+    "relu6",
+    "softmax",
+    "sigmoid",
+    "silu",
+    "swish",
+    "hard_sigmoid",
+    "hard_silu",
+    "hard_swish",
+)
 _SWISH = ("silu", "swish")
+_HARD_SWISH = ("hard_silu", "hard_swish")
 
 
 def _activation_name(layer) -> str | None:
@@ -483,11 +545,34 @@ class _Builder:
         layer = QuantActivation("sigmoid", quantizer=_sigmoid_grid(), name=name)
         return self._call_activation(layer, tensor)
 
-    def _swish(self, tensor, name: str):
+    def _hard_sigmoid(self, tensor, name: str):
+        """relu6(x + 3) / 6 = clip(x / 6 + 1/2, 0, 1): a per-channel affine
+        op (a frozen BatchNormalization, lowered as a 1x1 depthwise
+        convolution) onto the fixed grid [0, 1], whose clamp is the clip."""
+        affine = _L.BatchNormalization(name=f"{name}_affine", trainable=False)
+        y = affine(tensor)
+        channels = int(affine.gamma.shape[0])
+        spread = np.sqrt(1.0 + affine.epsilon)
+        affine.set_weights(
+            [
+                np.full(channels, spread / 6.0, np.float32),
+                np.full(channels, 0.5, np.float32),
+                np.zeros(channels, np.float32),
+                np.ones(channels, np.float32),
+            ]
+        )
+        grid = quantizers.FixedRangeQuantizer(bits=8, low=0.0, high=1.0)
+        return self._call_activation(QuantActivation("linear", quantizer=grid, name=name), y)
+
+    def _swish(self, tensor, name: str, hard: bool = False):
         """x * sigmoid(x): an integer LOGISTIC, then an integer MUL onto an
-        8-bit grid of its own (swish reaches below 0, to about -0.28)."""
+        8-bit grid of its own (swish reaches below 0, to about -0.28); with
+        `hard`, x * hard_sigmoid(x) (hard-swish)."""
         x = self._grid(tensor)
-        gate = self._sigmoid(x, f"{name}_sigmoid")
+        if hard:
+            gate = self._hard_sigmoid(x, f"{name}_hard_sigmoid")
+        else:
+            gate = self._sigmoid(x, f"{name}_sigmoid")
         out = QuantMultiply(quantizer=self._requantizer(), name=name)([x, gate])
         self.on_grid.add(id(out))
         return out
@@ -570,6 +655,10 @@ class _Builder:
                 out = self._sigmoid(self._grid(out), f"{layer.name}_sigmoid")
             elif inline in _SWISH:
                 out = self._swish(out, f"{layer.name}_swish")
+            elif inline in _HARD_SWISH:
+                out = self._swish(out, f"{layer.name}_hard_swish", hard=True)
+            elif inline == "hard_sigmoid":
+                out = self._hard_sigmoid(self._grid(out), f"{layer.name}_hard_sigmoid")
             elif inline == "softmax":
                 if self.scheme.quantize_output:
                     out = self._requantize(out)
@@ -583,6 +672,10 @@ class _Builder:
             return self._call_activation(layer, args[0])
         if isinstance(layer, _L.Activation) and _name_of(layer.activation) in _SWISH:
             return self._swish(args[0], layer.name)
+        if isinstance(layer, _L.Activation) and _name_of(layer.activation) in _HARD_SWISH:
+            return self._swish(args[0], layer.name, hard=True)
+        if isinstance(layer, _L.Activation) and _name_of(layer.activation) == "hard_sigmoid":
+            return self._hard_sigmoid(self._grid(args[0]), layer.name)
         if isinstance(layer, (QuantAdd, QuantConcatenate, QuantMultiply)):
             inputs = [self._grid(t) for t in args[0]]
             # The sum always gets its own 8-bit grid (QuantAdd's quantizer),

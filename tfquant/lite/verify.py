@@ -328,7 +328,12 @@ def compare_layers(keras_model, content: bytes, x: np.ndarray) -> list[dict]:
             if int(np.prod(t["shape"])) == output.size
             and np.isclose(t["quantization"][0], scale, rtol=1e-5)
         ]
-        named = [t for t in same_grid if layer.name in scopes(t)]
+        # The tensor carries the layer's name, or that of the op computing it
+        # (a kernel or affine op with the requantization fused in).
+        producer = layer._inbound_nodes[0].input_tensors[0]._keras_history[0]
+        named = [t for t in same_grid if layer.name in scopes(t)] or [
+            t for t in same_grid if producer.name in scopes(t)
+        ]
         # Unnamed (the converter named it after the op that computes it):
         # any tensor on the grid that no other quantizer's scope claims.
         unclaimed = [t for t in same_grid if not scopes(t) & (names - {layer.name})]
