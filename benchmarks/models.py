@@ -183,6 +183,46 @@ def run_family(family, size, kwargs, data, args, workdir) -> dict:
     return row
 
 
+def run_isolated(family, size, kwargs, args, workdir) -> dict:
+    """`run_family` in a process of its own: the memory of one family's
+    models is returned when it ends (in one process the matrix grew past
+    16 GB). Errors are recorded in the row."""
+    import multiprocessing
+
+    path = os.path.join(workdir, f"{family}.json")
+    options = {k: v for k, v in vars(args).items() if k != "family_list"}
+    process = multiprocessing.get_context("spawn").Process(
+        target=_family_child, args=(family, size, kwargs, options, workdir, path)
+    )
+    process.start()
+    process.join()
+    if not os.path.exists(path):
+        return {
+            "family": family,
+            "input": f"{size}x{size}x3",
+            "error": f"its process ended with exit code {process.exitcode} and no result",
+        }
+    with open(path) as stream:
+        row = json.load(stream)
+    if "latency_ratio" in row:  # JSON keys are strings; the thread counts are ints
+        row["latency_ratio"] = {int(k): v for k, v in row["latency_ratio"].items()}
+    return row
+
+
+def _family_child(family, size, kwargs, options, workdir, path) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from tfquant.datasets import load_arrays
+
+    args = argparse.Namespace(**options)
+    try:
+        row = run_family(family, size, kwargs, load_arrays(args.data), args, workdir)
+    except Exception as error:
+        traceback.print_exc()
+        row = {"family": family, "input": f"{size}x{size}x3", "error": f"{error}"[:300]}
+    with open(path, "w") as stream:
+        json.dump(row, stream)
+
+
 def tfmot_check(family: str, size: int, kwargs: dict, args) -> dict:
     """Whether tfmot's quantize_model takes the family (its own process)."""
     command = [
@@ -398,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tfquant import fileio
     from tfquant.datasets import load_arrays
 
-    data = load_arrays(args.data)
+    load_arrays(args.data)  # a bad --data is named before any family runs
     known = {f: (s, k) for f, s, k in FAMILIES}
     rows, start = [], time.time()
     with tempfile.TemporaryDirectory() as workdir:
@@ -406,11 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             size, kwargs = known[family]
             log(f"[{index}/{len(args.family_list)}] {family} at {size}x{size}x3")
             family_start = time.time()
-            try:
-                row = run_family(family, size, kwargs, data, args, workdir)
-            except Exception as error:
-                traceback.print_exc()
-                row = {"family": family, "input": f"{size}x{size}x3", "error": f"{error}"[:300]}
+            row = run_isolated(family, size, kwargs, args, workdir)
             row["seconds"] = time.time() - family_start
             rows.append(row)
     seconds = time.time() - start
