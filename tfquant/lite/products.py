@@ -26,6 +26,7 @@ from tfquant import graph
 from tfquant.layers import QuantMultiply
 from tfquant.lite.integer_ops import activation_range
 from tfquant.quantizers import MinMaxQuantizer
+from tfquant.quantizers.uniform import range_form
 
 FRACTION_BITS = 16
 
@@ -107,12 +108,8 @@ def _aligned_range(quantizer, zero_point, scale_a, scale_b, current):
             step = float(np.float32(target + ulps * np.spacing(target)))
             low = np.float32(-zero_point * step)
             high = np.float32((255 - zero_point) * step)
-            saved = (quantizer.range_min.numpy(), quantizer.range_max.numpy())
-            quantizer.range_min.assign(low)
-            quantizer.range_max.assign(high)
-            form = quantizer.inference_form()
-            quantizer.range_min.assign(saved[0])
-            quantizer.range_max.assign(saved[1])
+            # The form the (signed) min/max quantizer will have with this range.
+            form = range_form(float(low), float(high), quantizer.bits, signed=True)
             scale = file_scale(form)
             if form.zero_point == zero_point and safe(product_scale(scale_a, scale_b, scale)):
                 return float(low), float(high), scale

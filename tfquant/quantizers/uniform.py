@@ -199,16 +199,7 @@ class MinMaxQuantizer(Quantizer):
                 code_max=self._levels,
             )
         low = float(self.range_min.numpy()) if self.signed else 0.0
-        high = float(self.range_max.numpy())
-        scale, zero_point = nudged_scale_zero_point(low, high, self.bits)
-        return InferenceForm(
-            bits=self.bits,
-            signed=self.signed,
-            scale=np.float32(scale),
-            zero_point=zero_point,
-            code_min=0,
-            code_max=2**self.bits - 1,
-        )
+        return range_form(low, float(self.range_max.numpy()), self.bits, self.signed)
 
     def get_config(self):
         config = super().get_config()
@@ -247,15 +238,7 @@ class FixedRangeQuantizer(Quantizer):
         check_finite_array(values, "fixed_range calibration values")
 
     def inference_form(self, weights=None):
-        scale, zero_point = nudged_scale_zero_point(self.low, self.high, self.bits)
-        return InferenceForm(
-            bits=self.bits,
-            signed=self.signed,
-            scale=np.float32(scale),
-            zero_point=zero_point,
-            code_min=0,
-            code_max=2**self.bits - 1,
-        )
+        return range_form(self.low, self.high, self.bits, self.signed)
 
     def parameters(self):
         return {"low": self.low, "high": self.high}
@@ -265,6 +248,19 @@ class FixedRangeQuantizer(Quantizer):
         config.update(low=self.low, high=self.high)
         config.pop("signed", None)
         return config
+
+
+def range_form(low: float, high: float, bits: int, signed: bool) -> InferenceForm:
+    """The form of `fake_quant_with_min_max_vars` on [low, high] at `bits`."""
+    scale, zero_point = nudged_scale_zero_point(low, high, bits)
+    return InferenceForm(
+        bits=bits,
+        signed=signed,
+        scale=np.float32(scale),
+        zero_point=zero_point,
+        code_min=0,
+        code_max=2**bits - 1,
+    )
 
 
 def nudged_scale_zero_point(low: float, high: float, bits: int) -> tuple[float, int]:
