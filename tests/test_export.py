@@ -67,7 +67,8 @@ def test_fully_integer_with_int4_weights(exported):
     storage = [w["storage"] for w in exported.report["weights"]]
     # First conv and the classifier at 8 bits, the rest at 4; the requantized sum
     # feeding QIL's ReLU quantizer goes through an identity depthwise convolution
-    # (8-bit weight 1), the global average pooling through one with weights 1/(H*W).
+    # (8-bit weight 1), the global average pooling through a fully connected
+    # layer with weights 1/(H*W).
     assert storage == ["INT8", "INT4", "INT8", "INT4", "INT4", "INT8", "INT8"]
 
 
@@ -78,7 +79,7 @@ def test_weight_codes_read_back_exactly(trained, exported):
     tensors = [
         t
         for t in lite_inspect.weight_tensors(exported.content)
-        if not (t["op"] == "DEPTHWISE_CONV_2D" and np.all(t["values"] == 127))
+        if not (t["op"] != "CONV_2D" and np.all(t["values"] == 127))
     ]
     assert len(reports) == len(tensors)
     for report, tensor in zip(reports, tensors, strict=True):
@@ -185,7 +186,7 @@ def test_int4_rounding_follows_the_target(exported, trained):
     assert set(on_arm64.values()) == {"float32", "single", "double", "add"}, on_arm64
     assert set(on_x86.values()) == {"float32", "double", "add"}, on_x86
     # The classifier's input quantizer after global average pooling: the
-    # pooling's depthwise convolution runs in XNNPACK.
+    # pooling's fully connected layer runs in XNNPACK.
     dense = next(layer for layer in qmodel.layers if isinstance(layer, tfquant.layers.QuantDense))
     assert on_x86[dense.name] == "float32" and dense.input_requantization is not None
     assert rounding.kernel_rounding("FULLY_CONNECTED", "INT4", 64, "x86") == "float32"

@@ -328,6 +328,10 @@ def compare_layers(keras_model, content: bytes, x: np.ndarray) -> list[dict]:
             if int(np.prod(t["shape"])) == output.size
             and np.isclose(t["quantization"][0], scale, rtol=1e-5)
         ]
+        # A tensor of the layer's own shape before its reshaped or transposed
+        # copies (a global average pooling moves the channels in front).
+        same_shape = [t for t in same_grid if tuple(t["shape"][1:]) == output.shape[1:]]
+        same_grid = same_shape or same_grid
         # The tensor carries the layer's name, or that of the op computing it
         # (a kernel or affine op with the requantization fused in).
         producer = layer._inbound_nodes[0].input_tensors[0]._keras_history[0]
