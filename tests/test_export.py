@@ -395,6 +395,30 @@ def test_a_degenerate_step_is_named_before_litert_runs(digits):
         lite.export_model(qmodel, digits.x_test[:16], allow_mismatch=True)
 
 
+@pytest.mark.parametrize("post_training", [False, True])
+def test_nan_weights_are_named_before_conversion(digits, post_training):
+    """A diverged run leaves NaN in a variable (here a quantizer range, where
+    it surfaced as "cannot convert float NaN to integer"): one error names
+    the layer and the variable."""
+    inputs = keras.Input(digits.input_shape)
+    x = L.ReLU(name="act")(L.Conv2D(4, 3, padding="same", name="conv")(inputs))
+    model = keras.Model(inputs, L.Dense(3)(L.Flatten()(x)))
+    if post_training:
+        kernel = model.get_layer("conv").kernel
+        kernel.assign(np.where(np.arange(kernel.shape[-1]) == 1, np.nan, kernel.numpy()))
+        target, name = model, "'conv': variable 'conv/kernel'"
+    else:
+        scheme = {"weights": "lsq", "activations": "minmax", "bits": 8}
+        target = tfquant.quantize_model(model, scheme, calibration_data=digits.x_train[:64])
+        target.get_layer("act").quantizer.range_max.assign(np.nan)
+        name = "'act': variable 'act/.*range_max'"
+    with pytest.raises(lite.ExportError, match=f"layer {name} holds NaN or inf") as raised:
+        lite.export_model(
+            target, digits.x_test[:16], post_training=post_training, allow_mismatch=True
+        )
+    assert "diverged" in str(raised.value)
+
+
 @pytest.mark.parametrize("method", ["lsq", "qil"])
 def test_many_quantizers_reading_one_tensor_stay_integer(method):
     """NASNet's pattern: one quantized tensor read by several ReLUs, each with

@@ -7,6 +7,7 @@ import json
 import os
 from collections.abc import Sequence
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -162,6 +163,7 @@ def export_model(
             "tfquant.precision.float32_copy(model)"
         )
     quantized = _has_quantizers(model)
+    _check_finite(model)
     if post_training:
         if quantized:
             raise ExportError("--post_training is for float models; this model has quantizers")
@@ -277,6 +279,21 @@ def _check_steps(layers: list[dict]) -> None:
             "calibrated on (nearly) constant values, and LiteRT cannot run the file; "
             "calibrate it on data that reaches the layer, or train it further"
         )
+
+
+def _check_finite(model: keras.Model) -> None:
+    """One error naming the first variable that holds NaN or inf (a diverged
+    training run), before any of it reaches a quantization range."""
+    for layer in model.layers:
+        for variable in layer.weights:
+            values = np.asarray(keras.ops.convert_to_numpy(variable))
+            if values.dtype.kind == "f" and not np.isfinite(values).all():
+                bad = int(values.size - np.isfinite(values).sum())
+                raise ExportError(
+                    f"layer {layer.name!r}: variable {variable.path!r} holds NaN or inf "
+                    f"({bad} of {values.size} values); the model diverged in training "
+                    "(a lower learning rate, or gradient clipping, usually helps)"
+                )
 
 
 def write_atomically(path: str, data: bytes | str) -> None:
