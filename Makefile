@@ -47,14 +47,14 @@ test-quick: lint
 
 overhead: install
 	$(PY) -m pip install --quiet -e ".[baseline]"
-	$(PY) -m train.benchmark_overhead
+	$(PY) -m benchmarks.overhead
 
 bench: install
 	$(PY) -m pip install --quiet -e ".[baseline]"
-	$(PY) -m train.benchmark_results
+	$(PY) -m benchmarks.results
 
 bench-quick: install
-	$(PY) -m train.benchmark_results --quick
+	$(PY) -m benchmarks.results --quick
 
 models: install
 	-$(PY) -m export.arm64_env
@@ -62,7 +62,7 @@ models: install
 	$(PY) -m benchmarks.models --output=docs/MODELS.md
 
 recipes: install
-	$(PY) -m train.run_recipes --output_dir=recipes_output --results_md=docs/RECIPES.md
+	$(PY) -m benchmarks.recipes --output_dir=recipes_output --results_md=docs/RECIPES.md
 
 clean:
 	rm -rf $(VENV) .arm64 demo_output recipes_output models_output

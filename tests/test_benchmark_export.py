@@ -1,12 +1,12 @@
-"""train.benchmark_export: targets, latency ratios, the tfmot skip, and a tiny end-to-end run."""
+"""benchmarks.exporter: targets, latency ratios, the tfmot skip, and a tiny end-to-end run."""
 
 import json
 import os
 
 import pytest
 
-from train import benchmark_export as bench
-from train import benchmark_overhead
+from benchmarks import exporter as bench
+from benchmarks import overhead as benchmark_overhead
 
 
 def _row(name, kind, path, **values):

@@ -1,4 +1,4 @@
-"""train.benchmark_overhead: timing, summary, JSON, the tfmot skip, and a tiny run."""
+"""benchmarks.overhead: timing, summary, JSON, the tfmot skip, and a tiny run."""
 
 import importlib.util
 import json
@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from train import benchmark_overhead as bench
+from benchmarks import overhead as bench
 from train import models
 
 
@@ -108,7 +108,7 @@ def test_tfmot_row_skipped_with_install_hint_when_missing(monkeypatch):
 def test_tf_keras_resnet20_mirrors_keras3_builder():
     import tf_keras
 
-    from train import tfmot_step_timer
+    from benchmarks import tfmot_steps as tfmot_step_timer
 
     ours = models.resnet20(bench.INPUT_SHAPE, bench.NUM_CLASSES)
     theirs = tfmot_step_timer.resnet20(tf_keras)

@@ -1,4 +1,4 @@
-"""train.benchmark_results and train.plots: config checks, flags, the markdown page, plots,
+"""benchmarks.results and benchmarks.plots: config checks, flags, the markdown page, plots,
 and a tiny end-to-end run."""
 
 import json
@@ -7,8 +7,9 @@ import os
 import pytest
 from absl import app, flags
 
-from train import benchmark_overhead, plots
-from train import benchmark_results as bench
+from benchmarks import overhead as benchmark_overhead
+from benchmarks import plots
+from benchmarks import results as bench
 
 
 def _row(name, kind, method, bits, status="ok", **values):
@@ -19,7 +20,7 @@ def _row(name, kind, method, bits, status="ok", **values):
         "weight_bits": bits if kind != "tfmot_nbit" else 4,
         "activation_bits": bits,
         "status": status,
-        "command": "python -m train.benchmark_results --quick",
+        "command": "python -m benchmarks.results --quick",
         "seed": 0,
     }
     row.update(values)
@@ -92,7 +93,7 @@ def _result():
             "runs": 5,
             "threads": [1, 2],
             "step_timing": "train_on_batch",
-            "command": "python -m train.benchmark_results --quick",
+            "command": "python -m benchmarks.results --quick",
             "date": "2026-01-01 00:00 UTC",
             "machine": "x86_64, 2 CPUs",
             "tensorflow": "2.21.0",
@@ -236,7 +237,7 @@ def test_format_markdown_has_table_command_plots_and_paper_figures(tmp_path):
     page = bench.format_markdown(result, images, markdown_path)
     assert page.startswith("# Results")
     assert bench.format_table(result) in page
-    assert "- Command: `python -m train.benchmark_results --quick`" in page
+    assert "- Command: `python -m benchmarks.results --quick`" in page
     assert "- Seed: 0" in page and "- Date: 2026-01-01 00:00 UTC" in page
     assert "- Machine: x86_64, 2 CPUs" in page
     assert "float 1 epochs" in page and "momentum 0.99" in page and "total 1.5 min" in page
@@ -309,7 +310,7 @@ def test_run_benchmark_tiny_end_to_end(tmp_path):
         train_samples=300,
         test_samples=100,
         calibration_samples=64,
-        command="python -m train.benchmark_results --test",
+        command="python -m benchmarks.results --test",
         progress=lines.append,
     )
     paths = bench.write_outputs(result, output_dir, markdown_path, str(tmp_path / "docs" / "img"))
@@ -321,7 +322,7 @@ def test_run_benchmark_tiny_end_to_end(tmp_path):
     assert [row["name"] for row in loaded["rows"]] == ["float", "lsq_w4a4"]
     row = loaded["rows"][1]
     assert row["status"] == "ok", row.get("error")
-    assert row["command"] == "python -m train.benchmark_results --test" and row["seed"] == 0
+    assert row["command"] == "python -m benchmarks.results --test" and row["seed"] == 0
     assert 0.0 <= row["keras_accuracy"] <= 1.0 and 0.0 <= row["tflite_accuracy"] <= 1.0
     assert 0.0 <= row["top1_agreement"] <= 1.0 and 0.0 <= row["identical_output_codes"] <= 1.0
     assert os.path.isfile(row["tflite"]) and row["size_kib"] > 0

@@ -1,4 +1,4 @@
-"""train.run_recipes with a fake process runner (no training)."""
+"""benchmarks.recipes with a fake process runner (no training)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from train import run_recipes
+from benchmarks import recipes as run_recipes
 
 
 def _fake_runner(calls, fail=()):

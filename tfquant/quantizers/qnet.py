@@ -40,7 +40,7 @@ per element, times a constant per threshold, exact up to rounding while T times
 half the spread of the thresholds sharing r stays <= 70. All thresholds
 share one while that holds, else groups of 4, else each threshold has its
 own exp (about twice the time of one shared exp). `python -m
-train.benchmark_overhead --methods=qn_w3a3 [--qn_temperature=T]` measures
+benchmarks.overhead --methods=qn_w3a3 [--qn_temperature=T]` measures
 the cost. The step form is one
 `searchsorted` and one `gather`, whatever n.
 

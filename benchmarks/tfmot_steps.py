@@ -1,9 +1,9 @@
 """Step time of tensorflow-model-optimization's 8-bit QAT against tf_keras float.
 
-    TF_USE_LEGACY_KERAS=1 python -m train.tfmot_step_timer --output=tfmot.json \\
+    TF_USE_LEGACY_KERAS=1 python -m benchmarks.tfmot_steps --output=tfmot.json \\
         [--steps=10] [--rounds=5] [--batch_size=128]
 
-The baseline half of `train.benchmark_overhead`, which runs it in its own
+The baseline half of `benchmarks.overhead`, which runs it in its own
 process: tensorflow-model-optimization needs tf_keras (legacy Keras 2) and
 rejects Keras 3 models. Builds the same ResNet-20 as `train.models.resnet20`
 with tf_keras, quantizes a copy with `tfmot.quantization.keras.quantize_model`
@@ -22,7 +22,7 @@ import time
 
 from absl import app, flags
 
-from train.benchmark_overhead import (
+from benchmarks.overhead import (
     BASELINE_INSTALL_HINT,
     INPUT_SHAPE,
     LEARNING_RATE,

@@ -1,6 +1,6 @@
 """The exporter's figures on ResNet-20 and MNIST-10k, against tfmot's int8 export.
 
-    python -m train.benchmark_export [--data=npz:../shared/data/mnist10k.npz]
+    python -m benchmarks.exporter [--data=npz:../shared/data/mnist10k.npz]
         [--float_epochs=8] [--finetune_epochs=3] [--methods=qil_w4a4,lsq_w4a4]
         [--output_dir=benchmark_export_output] [--tfmot=true] [--runs=1000]
         [--threads=1,2] [--quick]
@@ -14,7 +14,7 @@
    weight codes), each verified against Keras on the held-out rows
    (8000..9999).
 2. With `--tfmot` (the default), the baseline users have today runs in a
-   separate process (`train.tfmot_export_baseline`, TF_USE_LEGACY_KERAS=1):
+   separate process (`benchmarks.tfmot_export`, TF_USE_LEGACY_KERAS=1):
    the same architecture in tf_keras, the same data, epochs, optimizer and
    seed, tensorflow-model-optimization's default 8-bit QAT and the standard
    converter to full int8. Without tf_keras or tfmot the row is skipped.
@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from train.benchmark_overhead import (
+from benchmarks.overhead import (
     BASELINE_INSTALL_HINT,
     baseline_skip_result,
     check_methods,
@@ -140,12 +140,12 @@ def run_tfmot_process(
     float_learning_rate: float = FLOAT_LEARNING_RATE,
     finetune_learning_rate: float = FINETUNE_LEARNING_RATE,
 ) -> dict[str, Any]:
-    """Runs `train.tfmot_export_baseline` on the same arrays; returns its JSON.
+    """Runs `benchmarks.tfmot_export` on the same arrays; returns its JSON.
 
     The result has `status` "ok" (with `tflite`, accuracies, agreement and
     size), "skipped" or "error" (with `reason`).
     """
-    from train import tfmot_export_baseline as baseline
+    from benchmarks import tfmot_export as baseline
 
     skipped = baseline_skip_result()
     if skipped:
@@ -166,7 +166,7 @@ def run_tfmot_process(
         command = [
             sys.executable,
             "-m",
-            "train.tfmot_export_baseline",
+            "benchmarks.tfmot_export",
             f"--data={split_path}",
             f"--output_dir={output_dir}",
             f"--float_epochs={float_epochs}",

@@ -1,6 +1,6 @@
 """Runs the training recipes on one dataset, each as a user would, and tabulates them.
 
-    python -m train.run_recipes [--data=npz:../shared/data/mnist10k.npz]
+    python -m benchmarks.recipes [--data=npz:../shared/data/mnist10k.npz]
         [--recipes=qil_small_cnn_w4a4,lsq_small_cnn_w4a4,...] [--steps_per_epoch=40]
         [--output_dir=recipes_output] [--results_md=FILE]
 
@@ -38,7 +38,9 @@ from absl import app, flags
 
 from tfquant.fileio import write_atomically
 
-RECIPE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
+RECIPE_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train", "recipes"
+)
 FLOAT_RECIPE = "float_small_cnn"
 DEFAULT_RECIPES = (
     "qil_small_cnn_w4a4",
@@ -204,7 +206,7 @@ def format_markdown(
 ) -> str:
     steps = "whole epochs" if steps_per_epoch == 0 else f"at most {steps_per_epoch} steps per epoch"
     lines = [
-        f"Recipes on `{data}`, {steps}, written by `python -m train.run_recipes`. Accuracy: the "
+        f"Recipes on `{data}`, {steps}, written by `python -m benchmarks.recipes`. Accuracy: the "
         "last epoch's validation accuracy on the held-out rows; time: the whole process "
         "(start-up, training, evaluation, saving)"
         + (f"; load average {load} on this shared host." if load else "."),

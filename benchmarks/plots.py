@@ -1,6 +1,6 @@
-"""Plots of `train.benchmark_results` output (matplotlib, Agg backend, PNG).
+"""Plots of `benchmarks.results` output (matplotlib, Agg backend, PNG).
 
-    from train import plots
+    from benchmarks import plots
     plots.write_plots(result, "docs/img")          # result: results.json, loaded
 
 `plot_accuracy_vs_bits`, `plot_size_vs_accuracy` and
@@ -131,7 +131,7 @@ def plot_parameter_history(
 
     Args:
       history: records `{"epoch": float, "values": {"LAYER/QUANTIZER/KIND":
-        value}}` (what `train.benchmark_results.parameter_recorder` keeps),
+        value}}` (what `benchmarks.results.parameter_recorder` keeps),
         or the path of a JSON file holding them.
       path: the PNG to write.
       title: the figure's title.

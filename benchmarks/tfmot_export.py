@@ -1,15 +1,15 @@
 """The export users have today: tensorflow-model-optimization 8-bit QAT to int8 TFLite.
 
-    TF_USE_LEGACY_KERAS=1 python -m train.tfmot_export_baseline --data=SPLIT.npz \\
+    TF_USE_LEGACY_KERAS=1 python -m benchmarks.tfmot_export --data=SPLIT.npz \\
         --output_dir=DIR [--float_epochs=8] [--finetune_epochs=3] [--batch_size=64] \\
         [--float_learning_rate=1e-3] [--finetune_learning_rate=5e-4] [--seed=0] \\
         [--model=resnet20|small_cnn] [--weight_bits=8] [--activation_bits=8] \\
         [--name=tfmot_int8] [--batchnorm_momentum=M]
 
-The baseline half of `train.benchmark_export`, which runs it in its own
+The baseline half of `benchmarks.exporter`, which runs it in its own
 process: tensorflow-model-optimization needs tf_keras (legacy Keras 2) and
 rejects Keras 3 models. Builds the same ResNet-20 as `train.models.resnet20`
-with tf_keras (`train.tfmot_step_timer.resnet20`), trains it in float with
+with tf_keras (`benchmarks.tfmot_steps.resnet20`), trains it in float with
 Adam, applies `tfmot.quantization.keras.quantize_model` (the default 8-bit
 scheme), fine-tunes it for the same number of epochs as our schemes, and
 converts it with the standard converter (`from_keras_model`,
@@ -18,7 +18,7 @@ training rows only if the converter asks for one). The TFLite model then runs
 on the test rows.
 
 `--model=small_cnn` builds `train.models.small_cnn` instead (the
-`train.benchmark_results` baseline). `--weight_bits` / `--activation_bits`
+`benchmarks.results` baseline). `--weight_bits` / `--activation_bits`
 other than 8 use tfmot's experimental n-bit scheme
 (`DefaultNBitQuantizeScheme` through `quantize_annotate_model` and
 `quantize_apply`); the converted file still stores int8 tensors.
@@ -35,7 +35,7 @@ or `{"status": "skipped", "reason": ...}` when tf_keras or
 tensorflow_model_optimization cannot be imported.
 
 The command line is parsed with argparse, not absl: importing
-`train.tfmot_step_timer` defines absl flags of its own (a required `--output`
+`benchmarks.tfmot_steps` defines absl flags of its own (a required `--output`
 among them) in the global flag registry.
 """
 
@@ -195,7 +195,7 @@ def run_baseline(
         return {"status": "skipped", "reason": f"{error}; install with `{INSTALL_HINT}`"}
     import tensorflow as tf
 
-    from train.tfmot_step_timer import resnet20
+    from benchmarks.tfmot_steps import resnet20
 
     builder = resnet20 if model == "resnet20" else small_cnn
     x_train, y_train, x_test, y_test = load_split(data)
@@ -283,7 +283,7 @@ def run_baseline(
 
 def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m train.tfmot_export_baseline",
+        prog="python -m benchmarks.tfmot_export",
         description="tfmot QAT of ResNet-20 or the small CNN, converted to int8 TFLite (needs "
         "TF_USE_LEGACY_KERAS=1).",
     )

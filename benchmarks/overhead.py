@@ -1,6 +1,6 @@
 """Training-step overhead of quantization-aware training, as a ratio to float.
 
-    python -m train.benchmark_overhead [--steps=10] [--rounds=5] [--batch_size=128]
+    python -m benchmarks.overhead [--steps=10] [--rounds=5] [--batch_size=128]
         [--methods=qil_w4a4,lsq_w4a4,...] [--tfmot] [--qn_temperature=T]
         [--output=benchmark_overhead.json]
 
@@ -16,7 +16,7 @@ ratio is that median over the float median of the same run.
 
 With `--tfmot` (the default), tensorflow-model-optimization's default 8-bit
 QAT of the same architecture is measured the same way in a separate process
-(`train.tfmot_step_timer`, under `TF_USE_LEGACY_KERAS=1` with tf_keras),
+(`benchmarks.tfmot_steps`, under `TF_USE_LEGACY_KERAS=1` with tf_keras),
 against its own tf_keras float model. It needs `pip install -e .[baseline]`;
 without it that row is skipped.
 
@@ -68,7 +68,7 @@ def log(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Framework-neutral timing (shared with train.tfmot_step_timer)
+# Framework-neutral timing (shared with benchmarks.tfmot_steps)
 
 
 def time_interleaved(
@@ -307,7 +307,7 @@ def baseline_skip_result() -> dict | None:
 
 def legacy_keras_environment() -> dict[str, str]:
     """The environment of a baseline subprocess: legacy Keras, and this
-    repository on PYTHONPATH so `python -m train...` finds its modules."""
+    repository on PYTHONPATH so `python -m benchmarks...` finds its modules."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, TF_USE_LEGACY_KERAS="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -315,7 +315,7 @@ def legacy_keras_environment() -> dict[str, str]:
 
 
 def run_tfmot_process(steps: int, rounds: int, batch_size: int, warmup_steps: int, seed: int):
-    """Runs `train.tfmot_step_timer` in a subprocess; returns its JSON result.
+    """Runs `benchmarks.tfmot_steps` in a subprocess; returns its JSON result.
 
     The result has `status` "ok" (with `variants`), "skipped" (with `reason`)
     or "error" (with `reason`).
@@ -329,7 +329,7 @@ def run_tfmot_process(steps: int, rounds: int, batch_size: int, warmup_steps: in
     command = [
         sys.executable,
         "-m",
-        "train.tfmot_step_timer",
+        "benchmarks.tfmot_steps",
         f"--steps={steps}",
         f"--rounds={rounds}",
         f"--batch_size={batch_size}",
@@ -486,7 +486,7 @@ def write_json_atomically(data: Any, path: str) -> None:
 
 
 def _define_flags():
-    # Defined only when run as a binary: train.tfmot_step_timer imports the
+    # Defined only when run as a binary: benchmarks.tfmot_steps imports the
     # timing functions above and defines flags of the same names.
     flags.DEFINE_integer("steps", 10, "Timed steps per variant per round.", lower_bound=1)
     flags.DEFINE_integer(

@@ -1,6 +1,6 @@
 """The results benchmark: every method at every bit width on MNIST-10k, one table.
 
-    python -m train.benchmark_results [--data=npz:../shared/data/mnist10k.npz]
+    python -m benchmarks.results [--data=npz:../shared/data/mnist10k.npz]
         [--methods=qil,lsq,pact,qn,dq,cpq] [--bits=8,4,3,2] [--float_epochs=3]
         [--finetune_epochs=1] [--runs=200] [--threads=1,2] [--tfmot] [--seed=0]
         [--output_dir=benchmark_results_output] [--results_md=docs/RESULTS.md]
@@ -27,7 +27,7 @@
    quantizer (QIL center and distance, LSQ/PACT steps and clips, QN
    temperature, CPQ learned bits ...) are recorded a few times per epoch.
 2. With `--tfmot` (the default, off under `--quick`), in a separate process
-   (`train.tfmot_export_baseline --model=small_cnn`, TF_USE_LEGACY_KERAS=1):
+   (`benchmarks.tfmot_export --model=small_cnn`, TF_USE_LEGACY_KERAS=1):
    tensorflow-model-optimization's default 8-bit QAT and its experimental
    n-bit scheme at W4A8, the same architecture, data, epochs and seed,
    converted to full int8 by the standard converter. Without tf_keras or
@@ -36,7 +36,7 @@
    interleaved) at each thread count of `--threads`.
 4. Writes the .tflite files, `results.json` (config, rows with the command
    line and seed that produced them, parameter histories) and the plots'
-   source data into `--output_dir`; the plots (`train.plots`) into
+   source data into `--output_dir`; the plots (`benchmarks.plots`) into
    `--image_dir`; the markdown table to `--results_md`, atomically.
 
 `--quick` shrinks the default budget (2 float epochs and 1 fine-tuning
@@ -80,7 +80,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from train.benchmark_export import (
+from benchmarks.exporter import (
     FINETUNE_LEARNING_RATE,
     _number,
     _percent,
@@ -89,7 +89,7 @@ from train.benchmark_export import (
     float_tflite,
     load_split,
 )
-from train.benchmark_overhead import (
+from benchmarks.overhead import (
     BASELINE_INSTALL_HINT,
     baseline_skip_result,
     legacy_keras_environment,
@@ -507,7 +507,7 @@ def run_tfmot_baselines(
     schemes: Sequence[tuple[int, int]] = TFMOT_SCHEMES,
     progress: Callable[[str], None] = log,
 ) -> list[dict[str, Any]]:
-    """Runs `train.tfmot_export_baseline --model=small_cnn` once per (W, A) of
+    """Runs `benchmarks.tfmot_export --model=small_cnn` once per (W, A) of
     `schemes` on the same arrays; returns one report per scheme.
 
     Each report has `status` "ok", "skipped" or "error" (with `reason`),
@@ -526,7 +526,7 @@ def run_tfmot_baselines(
             command = [
                 sys.executable,
                 "-m",
-                "train.tfmot_export_baseline",
+                "benchmarks.tfmot_export",
                 "--model=small_cnn",
                 f"--data={split_path}",
                 f"--output_dir={output_dir}",
@@ -557,7 +557,7 @@ def run_tfmot_baselines(
                 os.remove(report_path)  # never read a previous run's result
             completed = subprocess.run(command, env=legacy_keras_environment(), check=False)
             if completed.returncode != 0 or not os.path.exists(report_path):
-                reason = f"train.tfmot_export_baseline exited with status {completed.returncode}"
+                reason = f"benchmarks.tfmot_export exited with status {completed.returncode}"
                 reports.append({"status": "error", "reason": reason, **described})
                 continue
             with open(report_path, encoding="utf-8") as stream:
@@ -720,7 +720,7 @@ def run_benchmark(
     train_samples: int | None = None,
     test_samples: int | None = None,
     calibration_samples: int = CALIBRATION_SAMPLES,
-    command: str = "python -m train.benchmark_results",
+    command: str = "python -m benchmarks.results",
     progress: Callable[[str], None] = log,
 ) -> dict[str, Any]:
     """Runs the benchmark; returns the result as a JSON-ready dict.
@@ -916,7 +916,7 @@ def format_markdown(
 
     Args:
       result: what `run_benchmark` returns.
-      images: plot title -> image path (as `train.plots.write_plots` returns).
+      images: plot title -> image path (as `benchmarks.plots.write_plots` returns).
       markdown_path: where the page goes; image links are relative to it.
     """
     config = result["config"]
@@ -924,7 +924,7 @@ def format_markdown(
     lines = [
         "# Results",
         "",
-        "Written by `python -m train.benchmark_results` (`make bench`); do not edit by hand.",
+        "Written by `python -m benchmarks.results` (`make bench`); do not edit by hand.",
         "",
         f"Small CNN on {config['dataset']} ({config['train_rows']} training rows, "
         f"{config['test_rows']} held-out rows). Accuracy, agreement and identical output codes on "
@@ -986,8 +986,8 @@ def write_outputs(
     result: dict[str, Any], output_dir: str, results_md: str, image_dir: str
 ) -> dict[str, str]:
     """Writes the plots, `results.json` and the markdown page; returns their paths."""
+    from benchmarks import plots
     from tfquant import fileio
-    from train import plots
 
     images = plots.write_plots(result, image_dir)
     result["images"] = images
@@ -1124,7 +1124,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     flag_values = flags.FLAGS
     settings = settings_from_flags(flag_values)
-    command = shlex.join(["python", "-m", "train.benchmark_results", *sys.argv[1:]])
+    command = shlex.join(["python", "-m", "benchmarks.results", *sys.argv[1:]])
     result = run_benchmark(command=command, **settings)
     paths = write_outputs(
         result, flag_values.output_dir, flag_values.results_md, flag_values.image_dir
