@@ -16,6 +16,31 @@ from tfquant.layers.quant_layers import (
 from tfquant.ops import requantize as requantize_ops
 
 
+def _floats(values) -> list[float]:
+    return [float(v) for v in values]
+
+
+def _ints(values) -> list[int]:
+    return [int(v) for v in values]
+
+
+def _parsed(requantization: dict, fields: dict) -> dict:
+    """The `fields` (name -> converter) of a requantization dict, converted;
+    one ValueError naming the fields when one is missing or malformed, or a
+    scale is not a positive finite number."""
+    try:
+        spec = {name: convert(requantization[name]) for name, convert in fields.items()}
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"requantization must be a dict with {', '.join(fields)}, got {requantization!r} "
+            f"({error})"
+        ) from None
+    scales = spec["input_scales"] + [spec["output_scale"]]
+    if not all(np.isfinite(v) and v > 0 for v in scales):
+        raise ValueError(f"invalid requantization {requantization!r}: scales must be positive")
+    return spec
+
+
 class _QuantizedResult:
     """Holds the quantizer of a merging layer's result: built from a name,
     config dict or `Quantizer` (signed by default), built on the output
@@ -33,8 +58,29 @@ class _QuantizedResult:
         if not self.quantizer.built:
             self.quantizer.build(tuple(self.compute_output_shape(input_shape)))
 
-    def _quantizer_config(self, config: dict) -> dict:
+    @staticmethod
+    def _in_float32(inputs):
+        # The sum or product too is computed in float32 under a mixed policy:
+        # a 16-bit result moves values across the grid's half steps.
+        return [keras.ops.cast(x, "float32") for x in inputs]
+
+    def _quantized(self, values, training):
+        """The result on the quantizer's grid, in this layer's compute dtype
+        (the quantizer computes in float32; under a mixed policy the layer
+        returns float16 or bfloat16, as Keras layers do)."""
+        outputs = self.quantizer(values, training=training)
+        if outputs.dtype != self.compute_dtype:
+            outputs = keras.ops.cast(outputs, self.compute_dtype)
+        return outputs
+
+    def get_config(self):
+        config = super().get_config()
         config["quantizer"] = _serialize(self.quantizer)
+        spec = self.requantization
+        if isinstance(spec, list):  # a concatenation's: one spec or None per input
+            config["requantization"] = [None if s is None else dict(s) for s in spec]
+        elif spec is not None:
+            config["requantization"] = dict(spec)
         return config
 
 
@@ -75,28 +121,16 @@ class QuantAdd(_QuantizedResult, keras.layers.Add):
         if requantization is None:
             self.requantization = None
             return
-        try:
-            spec = {
-                "input_scales": [float(v) for v in requantization["input_scales"]],
-                "multipliers": [int(v) for v in requantization["multipliers"]],
-                "shift": int(requantization["shift"]),
-                "output_scale": float(requantization["output_scale"]),
-            }
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(
-                "requantization must be a dict with input_scales, multipliers, shift and "
-                f"output_scale, got {requantization!r} ({error})"
-            ) from None
-        scales = spec["input_scales"] + [spec["output_scale"]]
-        if (
-            len(spec["multipliers"]) != len(spec["input_scales"])
-            or not all(np.isfinite(v) and v > 0 for v in scales)
-            or not 12 <= spec["shift"] <= 30
-        ):
+        spec = _parsed(
+            requantization,
+            {"input_scales": _floats, "multipliers": _ints, "shift": int, "output_scale": float},
+        )
+        if len(spec["multipliers"]) != len(spec["input_scales"]) or not 12 <= spec["shift"] <= 30:
             raise ValueError(f"invalid requantization {requantization!r}")
         self.requantization = spec
 
     def call(self, inputs, training=None):
+        inputs = self._in_float32(inputs)
         spec = self.requantization
         if spec is not None and not training and len(inputs) == len(spec["multipliers"]):
             total = requantize_ops.add(
@@ -108,13 +142,7 @@ class QuantAdd(_QuantizedResult, keras.layers.Add):
             )
         else:
             total = super().call(inputs)
-        return self.quantizer(total, training=training)
-
-    def get_config(self):
-        config = self._quantizer_config(super().get_config())
-        if self.requantization is not None:
-            config["requantization"] = dict(self.requantization)
-        return config
+        return self._quantized(total, training)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -159,20 +187,13 @@ class QuantConcatenate(_QuantizedResult, keras.layers.Concatenate):
         self.requantization = [_validated_requantization(spec) for spec in requantization]
 
     def call(self, inputs, training=None):
+        inputs = self._in_float32(inputs)
         specs = self.requantization
         if specs is not None and not training and len(specs) == len(inputs):
             inputs = [
                 x if s is None else _requantize(x, s) for x, s in zip(inputs, specs, strict=True)
             ]
-        return self.quantizer(super().call(inputs), training=training)
-
-    def get_config(self):
-        config = self._quantizer_config(super().get_config())
-        if self.requantization is not None:
-            config["requantization"] = [
-                None if spec is None else dict(spec) for spec in self.requantization
-            ]
-        return config
+        return self._quantized(super().call(inputs), training)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -211,27 +232,18 @@ class QuantMultiply(_QuantizedResult, keras.layers.Multiply):
         if requantization is None:
             self.requantization = None
             return
-        try:
-            spec = {
-                "input_scales": [float(v) for v in requantization["input_scales"]],
-                "output_scale": float(requantization["output_scale"]),
-                "rounding": str(requantization["rounding"]),
-            }
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(
-                "requantization must be a dict with input_scales, output_scale and rounding, "
-                f"got {requantization!r} ({error})"
-            ) from None
-        scales = spec["input_scales"] + [spec["output_scale"]]
+        spec = _parsed(
+            requantization, {"input_scales": _floats, "output_scale": float, "rounding": str}
+        )
         if (
             len(spec["input_scales"]) != 2
-            or not all(np.isfinite(v) and v > 0 for v in scales)
             or spec["rounding"] not in requantize_ops.MULTIPLY_ROUNDINGS
         ):
             raise ValueError(f"invalid requantization {requantization!r}")
         self.requantization = spec
 
     def call(self, inputs, training=None):
+        inputs = self._in_float32(inputs)
         spec = self.requantization
         if spec is not None and not training and len(inputs) == 2:
             product = requantize_ops.multiply(
@@ -243,10 +255,4 @@ class QuantMultiply(_QuantizedResult, keras.layers.Multiply):
             )
         else:
             product = super().call(inputs)
-        return self.quantizer(product, training=training)
-
-    def get_config(self):
-        config = self._quantizer_config(super().get_config())
-        if self.requantization is not None:
-            config["requantization"] = dict(self.requantization)
-        return config
+        return self._quantized(product, training)

@@ -440,17 +440,27 @@ class QuantActivation(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs, training=None):
+        # The activation too runs in float32 under a mixed policy: a 16-bit
+        # sigmoid moves values across the grid's half steps.
+        inputs = keras.ops.cast(inputs, "float32")
         if self.requantization is not None and not training:
             if self.activation_name == "sigmoid":
                 # LOGISTIC reads the input's codes and looks its result up.
                 values = requantize_ops.logistic(inputs, self.requantization["input_scale"])
-                return self.quantizer(values, training=training)
+                return self._in_compute_dtype(self.quantizer(values, training=training))
             # The kernel's rounding first, then its fused clamp (relu6 clamps
             # the value the kernel computed, on the output grid).
             inputs = _requantize(inputs, self.requantization)
         if not self._skip_activation:
             inputs = self.activation(inputs)
-        return self.quantizer(inputs, training=training)
+        return self._in_compute_dtype(self.quantizer(inputs, training=training))
+
+    def _in_compute_dtype(self, outputs):
+        # The quantizer computes in float32; under a mixed policy this layer
+        # returns its compute dtype, as Keras layers do.
+        if outputs.dtype != self.compute_dtype:
+            outputs = keras.ops.cast(outputs, self.compute_dtype)
+        return outputs
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -13,6 +13,7 @@ Every quantizer describes the integer form it takes at inference through
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from typing import Any
 
@@ -135,10 +136,19 @@ class Quantizer(keras.layers.Layer):
     registered_name = "base"
     clips_negative = False
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "call" in cls.__dict__:
+            cls.call = _in_float32(cls.__dict__["call"])
+
     def __init__(self, bits: int = 8, signed: bool = False, **kwargs):
         # Quantizer math runs in float32 even under a mixed-precision policy:
-        # Keras casts the input up and the next layer casts the output down.
+        # by default the quantizer's own policy is float32 (Keras casts the
+        # input up and the next layer casts the output down); given a mixed
+        # policy, `call` computes in float32 on float32 variables and returns
+        # the policy's compute dtype.
         kwargs.setdefault("dtype", "float32")
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         self.bits = int(bits)
         self.signed = bool(signed)
@@ -191,6 +201,25 @@ class Quantizer(keras.layers.Layer):
             else:
                 out[key + "_mean"] = float(value.mean())
         return out
+
+
+def _in_float32(call):
+    """Wraps a quantizer's `call`: the input is quantized in float32 (a
+    16-bit float cannot hold x / step exactly enough to round it as the
+    integer file will) and the result returned in the quantizer's compute
+    dtype (float16 or bfloat16 under a mixed policy)."""
+
+    @functools.wraps(call)
+    def wrapper(self, inputs, *args, **kwargs):
+        inputs = tf.convert_to_tensor(inputs)
+        if inputs.dtype in (tf.float16, tf.bfloat16):
+            inputs = tf.cast(inputs, tf.float32)
+        outputs = call(self, inputs, *args, **kwargs)
+        if self.compute_dtype != "float32":
+            outputs = tf.cast(outputs, self.compute_dtype)
+        return outputs
+
+    return wrapper
 
 
 def serialize(quantizer: Quantizer) -> dict:
