@@ -177,6 +177,30 @@ def test_validate_config_names_flag_and_value(field, value, match):
         trainer.validate_config(config)
 
 
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (b"not a zip", "not a .keras archive \\(not a readable zip file"),
+        (None, "not a .keras archive \\(no config.json, model.weights.h5 inside\\)"),
+    ],
+)
+@pytest.mark.parametrize("flag", ["init_from", "distill_from"])
+def test_a_file_that_is_not_a_keras_archive_is_named(tmp_path, flag, content, match):
+    """Keras itself reports "File not found" for a .keras file that exists
+    but is no archive; the flag check says what is wrong."""
+    path = tmp_path / "model.keras"
+    if content is None:
+        import zipfile
+
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("notes.txt", "a zip, but no model")
+    else:
+        path.write_bytes(content)
+    config = trainer.TrainConfig(**{flag: str(path)})
+    with pytest.raises(ValueError, match=f"--{flag}={path}: {match}"):
+        trainer.validate_config(config)
+
+
 def _main_with_flags(argv):
     from train import train as binary
 
@@ -188,6 +212,18 @@ def _main_with_flags(argv):
         return exit_info.value.code
     finally:
         flags.FLAGS.unparse_flags()
+
+
+def test_a_model_dir_that_cannot_be_written_is_named(tmp_path, capsys, cpu_devices):
+    """Before: a FileExistsError traceback from the first write."""
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    assert _main_with_flags(["--method=float", f"--model_dir={taken}"]) not in (0, None)
+    assert f"--model_dir={taken}: exists and is not a directory" in capsys.readouterr().err
+    under = taken / "run"
+    assert _main_with_flags(["--method=float", f"--model_dir={under}"]) not in (0, None)
+    assert f"--model_dir={under}: {taken} is a file, not a directory" in capsys.readouterr().err
+    assert taken.read_text() == "a file"
 
 
 @pytest.mark.parametrize(

@@ -163,6 +163,9 @@ def main(argv):
         )
     from train import trainer
 
+    problem = trainer.model_dir_problem(_MODEL_DIR.value)
+    if problem:
+        _fail(f"--model_dir={_MODEL_DIR.value}: {problem}")
     config = config_from_flags()
     try:
         trainer.validate_config(config)

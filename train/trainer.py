@@ -56,6 +56,7 @@ import dataclasses
 import json
 import os
 import time
+import zipfile
 from typing import Any
 
 import keras
@@ -304,10 +305,45 @@ def validate_config(config: TrainConfig) -> None:
             raise _bad(flag, path, "must be a .keras file")
         if path and not os.path.isfile(path):
             raise _bad(flag, path, "file does not exist")
+        if path:
+            problem = keras_archive_problem(path)
+            if problem:
+                raise _bad(flag, path, problem)
     try:
         input_pipeline.check_dataset(config.dataset, config.data_dir)
     except ValueError as error:
         raise _bad("dataset", config.dataset, str(error)) from None
+
+
+def keras_archive_problem(path: str) -> str | None:
+    """What makes `path` not a readable `.keras` archive (a zip file holding
+    config.json and model.weights.h5), or None."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+    except (zipfile.BadZipFile, OSError) as error:
+        return f"not a .keras archive (not a readable zip file: {error})"
+    missing = sorted({"config.json", "model.weights.h5"} - names)
+    if missing:
+        return f"not a .keras archive (no {', '.join(missing)} inside)"
+    return None
+
+
+def model_dir_problem(path: str) -> str | None:
+    """What keeps the training binary from writing into `path`, or None: it
+    names an existing file, sits under a file, or under a directory this
+    process cannot write."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "exists and is not a directory"
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
 
 
 def check_replicas(config: TrainConfig, strategy: tf.distribute.Strategy) -> None:
