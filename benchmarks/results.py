@@ -455,10 +455,10 @@ def export_row(qmodel, dataset, bits: int):
 def qn_temperature(rows: int, batch_size: int, epochs: int):
     """A per-step `TemperatureScheduler` taking T from 1 to QN_FINAL_TEMPERATURE
     over `epochs` epochs of `rows` training rows."""
-    from tfquant.quantizers import qnet
+    from tfquant import callbacks
 
     steps = max(1, epochs * -(-rows // batch_size) - 1)
-    return qnet.TemperatureScheduler(
+    return callbacks.TemperatureScheduler(
         start=1.0, growth=(QN_FINAL_TEMPERATURE - 1.0) / steps, cap=QN_FINAL_TEMPERATURE, per="step"
     )
 

@@ -9,9 +9,9 @@ import tensorflow as tf
 
 import tfquant.quantizers.cpq as cpq_module
 from tfquant import quantizers
+from tfquant.callbacks import LearnedBitsLogger
 from tfquant.quantizers.cpq import (
     CPQQuantizer,
-    LearnedBitsLogger,
     code_levels,
     cpq_quantize,
     learned_bits,

@@ -9,8 +9,9 @@ import tensorflow as tf
 
 import tfquant
 from tfquant import quantizers
+from tfquant.callbacks import TemperatureScheduler
 from tfquant.layers import QuantActivation, QuantConv2D
-from tfquant.quantizers import QuantizationNetworkQuantizer, TemperatureScheduler, qn_phase
+from tfquant.quantizers import QuantizationNetworkQuantizer, qn_phase
 from tfquant.quantizers.qnet import (
     LEVEL_PRESETS,
     LevelGrid,

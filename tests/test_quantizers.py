@@ -983,3 +983,24 @@ def test_initialize_rejects_non_finite_values(kind, bad):
         np.testing.assert_array_equal(old, new)  # nothing was half-set
     with pytest.raises(ValueError, match="empty"):
         q.initialize(np.zeros((0,), np.float32))
+
+
+def test_each_method_exports_its_pure_function_and_callbacks_live_apart():
+    """Every method's tf.custom_gradient function is importable from
+    tfquant.quantizers; the callbacks from tfquant.callbacks (the old names
+    still resolve)."""
+    from tfquant import callbacks
+
+    for name in (
+        "cpq_quantize",
+        "direct_quantize",
+        "lsq_quantize",
+        "pact_quantize",
+        "qil_activation_quantize",
+        "qil_weight_quantize",
+        "qn_quantize",
+    ):
+        assert name in quantizers.__all__ and callable(getattr(quantizers, name)), name
+    assert set(callbacks.__all__) == {"LearnedBitsLogger", "TemperatureScheduler"}
+    assert not {"LearnedBitsLogger", "TemperatureScheduler"} & set(quantizers.__all__)
+    assert quantizers.TemperatureScheduler is callbacks.TemperatureScheduler

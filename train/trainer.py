@@ -65,7 +65,7 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
 import tfquant
-from tfquant import fileio, precision, quantizers
+from tfquant import callbacks, fileio, precision, quantizers
 from tfquant.quantizers import cpq
 from tfquant.quantizers.base import Quantizer, check_bits, registered_names
 from train import backup, input_pipeline, models
@@ -760,7 +760,7 @@ def _epoch_hooks(network: keras.Model, config: TrainConfig):
     if config.method == "qn":
         from tfquant.quantizers import qnet
 
-        scheduler = qnet.TemperatureScheduler()
+        scheduler = callbacks.TemperatureScheduler()
         scheduler.set_model(network)
         scheduler.on_train_begin()
         hooks.append(scheduler.on_epoch_begin)

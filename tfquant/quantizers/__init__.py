@@ -13,10 +13,10 @@ from tfquant.quantizers.base import (
     registered_names,
     serialize,
 )
-from tfquant.quantizers.cpq import CPQQuantizer, LearnedBitsLogger, cpq_quantize, report_bits
-from tfquant.quantizers.dq import ChannelAwareActivationQuantizer, DirectQuantizer
+from tfquant.quantizers.cpq import CPQQuantizer, cpq_quantize, report_bits
+from tfquant.quantizers.dq import ChannelAwareActivationQuantizer, DirectQuantizer, direct_quantize
 from tfquant.quantizers.qil import QILQuantizer, qil_activation_quantize, qil_weight_quantize
-from tfquant.quantizers.qnet import QuantizationNetworkQuantizer, TemperatureScheduler, qn_phase
+from tfquant.quantizers.qnet import QuantizationNetworkQuantizer, qn_phase, qn_quantize
 from tfquant.quantizers.uniform import (
     FixedRangeQuantizer,
     LSQQuantizer,
@@ -33,22 +33,31 @@ __all__ = [
     "FixedRangeQuantizer",
     "InferenceForm",
     "LSQQuantizer",
-    "LearnedBitsLogger",
     "MinMaxQuantizer",
     "PACTQuantizer",
     "QILQuantizer",
     "QuantizationNetworkQuantizer",
     "Quantizer",
-    "TemperatureScheduler",
     "cpq_quantize",
+    "direct_quantize",
     "get",
     "lsq_quantize",
     "pact_quantize",
     "qil_activation_quantize",
     "qil_weight_quantize",
     "qn_phase",
+    "qn_quantize",
     "register",
     "registered_names",
     "report_bits",
     "serialize",
 ]
+
+
+def __getattr__(name):
+    # The callbacks moved to tfquant.callbacks; the old names still resolve.
+    if name in ("LearnedBitsLogger", "TemperatureScheduler"):
+        from tfquant import callbacks
+
+        return getattr(callbacks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

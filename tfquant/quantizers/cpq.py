@@ -933,27 +933,3 @@ def report_bits(model) -> dict:
     total = sum(counts.values())
     average = sum(bits[n] * counts[n] for n in bits) / total if total else float("nan")
     return {"layers": bits, "parameters": counts, "average_weight_bits": float(average)}
-
-
-class LearnedBitsLogger(keras.callbacks.Callback):
-    """Prints the learned weight bit widths after each epoch and logs their
-    parameter-weighted average as `average_weight_bits`.
-
-    Args:
-      print_fn: where the line goes (default `print`).
-    """
-
-    def __init__(self, print_fn=print):
-        super().__init__()
-        self.print_fn = print_fn
-        self.history: list[dict] = []
-
-    def on_epoch_end(self, epoch, logs=None):
-        report = report_bits(self.model)
-        self.history.append(report)
-        layers = ", ".join(f"{name}={bits}" for name, bits in report["layers"].items())
-        self.print_fn(
-            f"epoch {epoch + 1}: weight bits {layers}; average {report['average_weight_bits']:.2f}"
-        )
-        if logs is not None:
-            logs["average_weight_bits"] = report["average_weight_bits"]

@@ -710,8 +710,8 @@ class QuantizationNetworkQuantizer(Quantizer):
         # as given: None (the uniform set of `bits`), a preset name, or the list
         self.levels = levels if levels is None or isinstance(levels, str) else list(level_set)
         self.grid = grid
-        self.initial_temperature = _check_temperature(initial_temperature, "initial_temperature")
-        self.step_temperature = _check_temperature(step_temperature, "step_temperature")
+        self.initial_temperature = check_temperature(initial_temperature, "initial_temperature")
+        self.step_temperature = check_temperature(step_temperature, "step_temperature")
         if threshold_init not in (None, "kmeans", "uniform"):
             raise ValueError(
                 f"threshold_init must be 'kmeans', 'uniform' or None for {_METHOD}, "
@@ -914,7 +914,7 @@ class QuantizationNetworkQuantizer(Quantizer):
         return config
 
 
-def _check_temperature(value: Any, name: str) -> float:
+def check_temperature(value: Any, name: str) -> float:
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float, np.integer, np.floating))
@@ -1012,85 +1012,3 @@ def qn_phase(model: keras.layers.Layer, phase: str) -> dict[str, int]:
         quantizer.enabled.assign(1.0 if on else 0.0)
         counts["on" if on else "off"] += 1
     return counts
-
-
-class TemperatureScheduler(keras.callbacks.Callback):
-    """Sets T in every Quantization Networks quantizer of the model.
-
-    T(i) = min(cap, start + growth * i) ("linear", the paper's 5..10 x epoch)
-    or min(cap, start * growth^i) ("exponential"), or a callable i -> T, with
-    i the epoch (0-based, `per="epoch"`) or the optimizer step
-    (`per="step"`, counted from `optimizer.iterations`, so a resumed run
-    continues the schedule). T is logged as `temperature` at each epoch end.
-
-    Args:
-      schedule: "linear", "exponential" or a callable.
-      start: T at i = 0 (> 0).
-      growth: the slope (linear, >= 0) or the factor (exponential, > 0).
-      cap: the largest T (the authors cap it; at or above a quantizer's
-        `step_temperature` its training forward is the step).
-      per: "epoch" or "step".
-
-    >>> scheduler = TemperatureScheduler(start=1.0, growth=10.0)
-    >>> [scheduler.temperature_at(i) for i in range(3)]
-    [1.0, 11.0, 21.0]
-    """
-
-    def __init__(self, schedule="linear", start=1.0, growth=10.0, cap=1000.0, per="epoch"):
-        super().__init__()
-        if not callable(schedule) and schedule not in ("linear", "exponential"):
-            raise ValueError(
-                f"schedule must be 'linear', 'exponential' or a callable, got {schedule!r}"
-            )
-        if per not in ("epoch", "step"):
-            raise ValueError(f"per must be 'epoch' or 'step', got {per!r}")
-        self.start = _check_temperature(start, "start")
-        self.cap = _check_temperature(cap, "cap")
-        if not np.isfinite(growth) or growth < 0 or (schedule == "exponential" and growth <= 0):
-            raise ValueError(
-                f"growth must be a finite number >= 0 (> 0 for 'exponential'), got {growth!r}"
-            )
-        self.schedule = schedule
-        self.growth = float(growth)
-        self.per = per
-        self._quantizers: list[QuantizationNetworkQuantizer] = []
-        self.current = None
-
-    def temperature_at(self, index: int) -> float:
-        if callable(self.schedule):
-            value = float(self.schedule(index))
-        elif self.schedule == "linear":
-            value = self.start + self.growth * index
-        else:
-            value = self.start * self.growth**index
-        value = min(value, self.cap)
-        if not np.isfinite(value) or value <= 0:
-            raise ValueError(f"the temperature schedule gave T = {value} at {self.per} {index}")
-        return value
-
-    def _assign(self, index: int):
-        value = self.temperature_at(index)
-        for quantizer in self._quantizers:
-            quantizer.temperature.assign(value)
-        self.current = value
-
-    def on_train_begin(self, logs=None):
-        self._quantizers = [q for q, _ in qn_quantizers(self.model)]
-        if not self._quantizers:
-            raise ValueError(
-                f"TemperatureScheduler: model {self.model.name!r} has no Quantization Networks "
-                "('qn') quantizers"
-            )
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if self.per == "epoch":
-            self._assign(epoch)
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if self.per == "step":
-            # the optimizer's count, right with steps_per_execution and on resume
-            self._assign(int(self.model.optimizer.iterations.numpy()))
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None and self.current is not None:
-            logs["temperature"] = self.current
