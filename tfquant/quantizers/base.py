@@ -123,7 +123,9 @@ class Quantizer(keras.layers.Layer):
 
     Subclasses implement `build`, `call(inputs, training=None)`,
     `initialize(values)` (set parameters from float weights or from a
-    calibration batch of activations), `inference_form()` and `get_config`.
+    calibration batch of activations), `inference_form(weights=None)` and
+    `get_config`, and register a name with `register` so that schemes and
+    saved models find them. docs/QUANTIZERS.md has a worked example.
 
     Attributes:
       bits: bit width.
@@ -179,7 +181,14 @@ class Quantizer(keras.layers.Layer):
         """Sets the parameters from representative values of the input."""
         raise NotImplementedError(f"{type(self).__name__} does not implement initialize")
 
-    def inference_form(self) -> InferenceForm:
+    def inference_form(self, weights=None) -> InferenceForm:
+        """The integer form of the quantizer's output (`InferenceForm`).
+
+        Args:
+          weights: the float kernel a weight quantizer quantizes (the
+            exporter passes it; a quantizer whose grid depends on the values,
+            such as a min/max one, reads it), or None for an activation.
+        """
         raise NotImplementedError(f"{type(self).__name__} does not implement inference_form")
 
     def compute_output_shape(self, input_shape):
