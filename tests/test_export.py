@@ -241,6 +241,41 @@ def test_keras_outputs_match_predict_whatever_the_count(count):
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
 
 
+def test_report_lists_every_change_export_makes_to_the_model(trained, digits):
+    """export_model aligns the model in place; the report names each layer
+    whose variables it moved, and no other layer changed."""
+    qmodel = keras.models.clone_model(trained[1])
+    qmodel.set_weights(trained[1].get_weights())
+    before = {layer.name: [w.copy() for w in layer.get_weights()] for layer in qmodel.layers}
+    result = lite.export_model(qmodel, digits.x_test, digits.y_test, **_INT4_HERE)
+    changes = result.report["model_changes"]
+    moved = {
+        layer.name
+        for layer in qmodel.layers
+        if any(
+            not np.array_equal(a, b)
+            for a, b in zip(before[layer.name], layer.get_weights(), strict=True)
+        )
+    }
+    listed = set(changes["bias_shifted"]) | set(changes["levels_rounded"])
+    listed |= set(changes["product_grids_moved"])
+
+    def owner(name):  # a folded bias moves in the BatchNormalization after the kernel
+        layer = qmodel.get_layer(name)
+        if isinstance(layer, L.BatchNormalization):
+            return layer._inbound_nodes[0].input_tensors[0]._keras_history[0].name
+        return name
+
+    assert moved and {owner(name) for name in moved} == listed, (moved, changes)
+    assert set(changes["requantization_set"]) >= {
+        layer.name for layer in qmodel.layers if getattr(layer, "requantization", None)
+    }
+    # The aligned model is what the file computes.
+    raw, _ = verify.run_tflite(result.content, digits.x_test)
+    keras_top1 = np.argmax(qmodel.predict(digits.x_test, verbose=0), -1)
+    np.testing.assert_array_equal(np.argmax(raw, -1), keras_top1)
+
+
 def test_save_writes_model_and_reports(exported, tmp_path):
     path = tmp_path / "m.tflite"
     lite.save_export(exported, str(path))

@@ -85,6 +85,14 @@ def export_model(
 ) -> ExportResult:
     """Exports a quantized Keras model to integer TFLite and verifies it.
 
+    With `align` (the default) it changes `model` in place, so that the
+    Keras model computes what the file computes: biases, DQ levels and
+    product grids move onto what the integer file can hold, and inference
+    gets the file's exact requantization (see `align` below). The report's
+    `model_changes` lists every layer changed and by how much. Evaluate the
+    model after export for the accuracy the file has; to keep the model as
+    it was, export a copy (`keras.models.clone_model`, then `set_weights`).
+
     Args:
       model: a quantized model (from `tfquant.quantize_model` or built from
         tfquant layers), or a float model with `post_training=True`.
@@ -184,8 +192,7 @@ def export_model(
         shifts = align_biases(model) if align else {}
         lowered = lower_model(model, int4_weights=int4_weights)
         content = convert_lowered(lowered, output_type)
-        if align:
-            match_integer_kernels(model, content, target)
+        requantized = match_integer_kernels(model, content, target) if align else {}
         for layer in lowered.layers:
             if layer.name in shifts:
                 layer.bias_shift_max = shifts[layer.name]
@@ -249,6 +256,14 @@ def export_model(
     }
     if not post_training and align:
         report["products"] = products
+        report["model_changes"] = {
+            "bias_shifted": {k: float(v) for k, v in shifts.items() if v},
+            "levels_rounded": {k: float(v) for k, v in level_shifts.items() if v},
+            "product_grids_moved": {
+                k: float(v) for k, v in products.items() if v and np.isfinite(v)
+            },
+            "requantization_set": sorted(requantized),
+        }
     for target, by_runtime in by_target.items():
         checked = by_runtime[verify.CHECKED_RUNTIME]
         for what, found, bar in (
@@ -348,6 +363,15 @@ def format_report(report: dict) -> str:
         lines.append(
             f"accuracy: Keras {100 * v['keras_accuracy']:.2f}%, "
             f"TFLite {100 * v['tflite_accuracy']:.2f}%"
+        )
+    changes = report.get("model_changes")
+    if changes:
+        lines.append(
+            "the Keras model was aligned with the file in place: "
+            f"{len(changes['bias_shifted'])} bias(es) shifted, "
+            f"{len(changes['levels_rounded'])} level set(s) rounded, "
+            f"{len(changes['product_grids_moved'])} product grid(s) moved, "
+            f"{len(changes['requantization_set'])} layer(s) given the file's requantization"
         )
     return "\n".join(lines)
 
