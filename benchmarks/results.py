@@ -1133,7 +1133,11 @@ def main(argv):
     for row in result["rows"]:
         if row["status"] != "ok":
             log(f"{row['name']} {row['status']}: {row.get('error')}")
+    failed = [row for row in result["rows"] if row["status"] == "error"]  # not "skipped"
     log(f"wrote {', '.join(paths.values())} (total {result['runtime_seconds'] / 60:.1f} min)")
+    if failed:  # the page is written with what there is; the run still fails
+        log(f"failed rows: {', '.join(row['name'] for row in failed)}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

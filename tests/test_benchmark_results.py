@@ -3,6 +3,7 @@ and a tiny end-to-end run."""
 
 import json
 import os
+import types
 
 import pytest
 from absl import app, flags
@@ -191,7 +192,6 @@ def test_tfmot_baselines_skip_without_tfmot(monkeypatch, tmp_path):
 
 
 def test_a_failing_scheme_becomes_an_error_row(monkeypatch, tmp_path):
-    import types
 
     import numpy as np
 
@@ -205,6 +205,30 @@ def test_a_failing_scheme_becomes_an_error_row(monkeypatch, tmp_path):
     row, history = bench._quantized_row("qil", 3, dataset, None, None, str(tmp_path), 1, 2, 4)
     assert row["name"] == "qil_w3a3" and row["status"] == "error" and history is None
     assert row["error"] == "ValueError in quantize_model: no such layer"
+
+
+@pytest.mark.parametrize("status,code", [("error", 1), ("skipped", None)])
+def test_a_failed_row_fails_the_run_after_the_page_is_written(monkeypatch, tmp_path, status, code):
+    """Before, a run whose rows had failed still exited 0."""
+    result = _result()
+    result["rows"] = [r for r in result["rows"] if r["status"] == "ok"]
+    result["rows"].append(_row("qil_w2a2", "tfquant", "qil", 2, status=status, error="bad"))
+    monkeypatch.setattr(bench, "run_benchmark", lambda **settings: result)
+    monkeypatch.setattr(bench, "settings_from_flags", lambda flag_values: {})
+    written = []
+    monkeypatch.setattr(
+        bench, "write_outputs", lambda *args: written.append(args) or {"md": "RESULTS.md"}
+    )
+    monkeypatch.setattr(bench, "format_table", lambda result: "table")
+    flag_values = types.SimpleNamespace(output_dir=str(tmp_path), results_md="R.md", image_dir="i")
+    monkeypatch.setattr(bench.flags, "FLAGS", flag_values)
+    if code is None:
+        bench.main(["results"])
+    else:
+        with pytest.raises(SystemExit) as raised:
+            bench.main(["results"])
+        assert raised.value.code == code
+    assert written  # the page first
 
 
 # ---------------------------------------------------------------------------
