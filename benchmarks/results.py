@@ -143,43 +143,20 @@ PARAMETER_KEYS = (
 )
 STEP_ROUNDS = 3
 STEP_STEPS = 4
-# Published ImageNet ResNet-18 top-1 (%): (method, source, setting, full
-# precision, {bits: top-1}, full-scale recipe). docs/methods/*.md say which
-# figures were checked against the papers.
-PAPER_FIGURES = (
-    (
-        "qil",
-        "Jung et al., CVPR 2019, arXiv:1808.05779, Table 1",
-        "W/A bits",
-        70.2,
-        {4: 70.1, 3: 69.2, 2: 65.7},
-        "train/recipes/qil_resnet18_imagenet_w4a4.cfg (+ qil_progressive.sh)",
-    ),
-    (
-        "lsq",
-        "Esser et al., ICLR 2020, arXiv:1902.08153, Table 1",
-        "W/A bits",
-        70.5,
-        {4: 71.1, 3: 70.2, 2: 67.6},
-        "train/recipes/lsq_resnet18_imagenet_w4a4.cfg",
-    ),
-    (
-        "qn",
-        "Yang et al., CVPR 2019, arXiv:1911.09464",
-        "weights only, activations float; 4 bits = 3(+-4) levels, 2 = ternary",
-        70.3,
-        {4: 70.4, 2: 69.1},
-        "train/recipes/qn_resnet18_imagenet_w3.cfg",
-    ),
-    (
-        "cpq",
-        "Lee et al., ICCV 2021, arXiv:2109.02100",
-        "W/A bits",
-        69.8,
-        {4: 69.6},
-        "train/recipes/cpq_resnet18_imagenet_w4a4.cfg",
-    ),
+# Published ImageNet ResNet-18 top-1 (%), quoted on the results page:
+# docs/paper_figures.json beside it (docs/methods/*.md say which figures were
+# checked against the papers).
+PAPER_FIGURES_PATH = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "paper_figures.json"
 )
+
+
+def paper_figures(path: str = PAPER_FIGURES_PATH) -> list[dict[str, Any]]:
+    """The published figures: method, source, setting, full_precision_top1,
+    top1_by_bits ({"4": top-1, ...}) and full_scale_recipe per entry."""
+    with open(path, encoding="utf-8") as stream:
+        return json.load(stream)["figures"]
+
 
 PAPER_DIFFERENCES = (
     "What differs: the papers train ResNet-18 on ImageNet (1.28 M images of 224x224x3, "
@@ -209,11 +186,17 @@ def paper_section(result: dict[str, Any]) -> list[str]:
     header = "| method | paper (ImageNet ResNet-18 top-1) | setting | FP | 4 bits | 3 bits |"
     header += " 2 bits | ours FP | ours 4 | ours 3 | ours 2 | full-scale recipe |"
     lines = [header, "|" + "---|" * 12]
-    for method, source, setting, full, paper, recipe in PAPER_FIGURES:
-        cells = [method, source, setting, f"{full:.1f}"]
-        cells += [f"{paper[b]:.1f}" if b in paper else "-" for b in (4, 3, 2)]
+    for figure in paper_figures():
+        method, paper = figure["method"], figure["top1_by_bits"]
+        cells = [
+            method,
+            figure["source"],
+            figure["setting"],
+            f"{figure['full_precision_top1']:.1f}",
+        ]
+        cells += [f"{paper[str(b)]:.1f}" if str(b) in paper else "-" for b in (4, 3, 2)]
         cells += [percent(float_accuracy)] + [percent(ours.get((method, b))) for b in (4, 3, 2)]
-        cells.append(f"`{recipe}`")
+        cells.append(f"`{figure['full_scale_recipe']}`")
         lines.append("| " + " | ".join(cells) + " |")
     return lines + ["", PAPER_DIFFERENCES]
 
