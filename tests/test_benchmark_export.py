@@ -124,13 +124,16 @@ def test_run_benchmark_tiny_end_to_end(tmp_path):
     assert [row["kind"] for row in loaded["rows"]] == ["int4", "int8_weights", "float"]
     for row in loaded["rows"]:
         assert os.path.isfile(row["tflite"]) and row["size_kib"] > 0
-        assert 0.0 <= row["top1_agreement"] <= 1.0
-        assert 0.0 <= row["keras_accuracy"] <= 1.0 and 0.0 <= row["tflite_accuracy"] <= 1.0
+        # Accuracies can differ by no more than the share of samples whose top-1 differs.
+        gap = abs(row["keras_accuracy"] - row["tflite_accuracy"])
+        assert gap <= 1.0 - row["top1_agreement"] + 1e-9, row
         timing = row["latency"]["1"]
         assert timing["median_us"] > 0 and timing["ratio_to_float"] > 0
         assert timing["ratio_to_tfmot_int8"] is None
     int4, int8, _ = loaded["rows"]
-    assert 0.0 <= int4["identical_output_codes"] <= 1.0
+    # Both quantized files are exact on this host, as the exporter promises.
+    for row in (int4, int8):
+        assert row["top1_agreement"] == 1.0 and row["identical_output_codes"] >= 0.999, row
     assert int4["max_output_step_difference"] >= 0
     assert int4["int8_weights_size_kib"] == int8["size_kib"]
     assert 0.0 < int4["size_ratio"] < 1.0  # INT4 storage is smaller than INT8
