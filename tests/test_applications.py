@@ -102,6 +102,10 @@ def test_rescaling_and_normalization_at_the_input():
     )
     qmodel, found = _export(model, x, "lsq_w8a8")
     _exact(found)
+    # The chain is one fixed affine, one integer op in the file (each costs as
+    # much as a small convolution on the full-size input).
+    affines = [layer for layer in qmodel.layers if isinstance(layer, L.BatchNormalization)]
+    assert [layer.name for layer in affines] == [model.layers[0].name]
     reference = model.predict(x, verbose=0)
     error = np.abs(qmodel.predict(x, verbose=0) - reference).max()
     assert error < 0.1 * np.abs(reference).max()

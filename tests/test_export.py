@@ -389,6 +389,38 @@ def test_average_pooling_rounds_once(digits, pooling, kept):
         assert verification["max_output_step_difference"] == 0, verification
 
 
+@pytest.mark.parametrize("size, lowered", [(5, "DEPTHWISE_CONV_2D"), (12, "FULLY_CONNECTED")])
+def test_global_average_lowers_to_a_fast_exact_op(size, lowered):
+    """Global average pooling sums in int32 and rounds once: a depthwise
+    convolution up to 5x5 (one XNNPACK pass), a TRANSPOSE and a fully
+    connected layer above it (the convolution's multi-pass path is 10-40x
+    slower). Both give Keras's codes, as a squeeze-excite gate and as the
+    classifier's input, on x86 and (when built) on emulated arm64."""
+    from tfquant.lite import arm64
+
+    rng = np.random.default_rng(size)
+    inputs = keras.Input((size, size, 3))
+    x = L.ReLU()(L.BatchNormalization()(L.Conv2D(16, 3, padding="same")(inputs)))
+    gate = L.Dense(16, activation="sigmoid")(L.GlobalAveragePooling2D()(x))
+    x = L.Multiply()([x, L.Reshape((1, 1, 16))(gate)])
+    model = keras.Model(inputs, L.Dense(5)(L.GlobalAveragePooling2D()(x)))
+    images = rng.uniform(0, 1, (96, size, size, 3)).astype(np.float32)
+    qmodel = tfquant.quantize_model(model, "lsq_w8a8", calibration_data=images[:64])
+    targets = [verify.host_target()]
+    try:
+        arm64.check_environment()
+        targets.append("arm64")
+    except arm64.Arm64Error:
+        pass
+    result = lite.export_model(qmodel, images, targets=targets, runtimes=("default",))
+    ops = [op["op_name"] for op in lite_inspect.ops(result.content)]
+    assert ("TRANSPOSE" in ops) == (lowered == "FULLY_CONNECTED") and "MEAN" not in ops, ops
+    assert ops.count("FULLY_CONNECTED") == 2 + 2 * (lowered == "FULLY_CONNECTED"), ops
+    for target in targets:
+        checked = result.report["targets"][target]["default"]
+        assert checked["identical_output_codes"] == 1.0, (target, checked)
+
+
 def test_identical_codes_have_their_own_bar(trained, digits, monkeypatch):
     _verification_lowered(monkeypatch, identical_output_codes=0.99)
     with pytest.raises(lite.ExportError, match=r"identical output codes .* 99\.00%.*99\.90%"):

@@ -71,6 +71,7 @@ _SUPPORTED = (
 # Per-channel x * a + b layers; Rescaling and Normalization become a
 # BatchNormalization with fixed statistics, which the exporter lowers.
 _AFFINE = (_L.BatchNormalization, _L.Rescaling, _L.Normalization)
+_FIXED_AFFINE = (_L.Rescaling, _L.Normalization)
 # Layers whose result an integer kernel computes (a BatchNormalization is
 # folded into one, or is one).
 _INTEGER_PRODUCERS = (
@@ -380,6 +381,20 @@ class _ModelGraph:
                 following = consumers.get(id(layer), [])
                 if len(following) == 1 and _activation_name(following[0]) in _RELU_ACTIVATIONS:
                     self.followed_by_relu.add(id(layer))
+        # A Rescaling or Normalization read only by another one: the chain
+        # is one fixed affine (one integer op), held by its first layer.
+        self.fused_into: dict[int, Any] = {}
+        self.fused_chain: dict[int, list] = {}
+        for layer, node in order:
+            producer = graph.producer(node.input_tensors[0]) if node.input_tensors else None
+            if (
+                isinstance(layer, _FIXED_AFFINE)
+                and isinstance(producer, _FIXED_AFFINE)
+                and len(consumers.get(id(producer), [])) == 1
+            ):
+                head = self.fused_into.get(id(producer), producer)
+                self.fused_into[id(layer)] = head
+                self.fused_chain.setdefault(id(head), [head]).append(layer)
         self.consumers = consumers
         kernel_layers = [
             layer for layer in model.layers if isinstance(layer, tuple(_KERNEL_LAYERS))
@@ -686,11 +701,14 @@ class _Builder:
             out = layer(inputs, **kwargs)
             self.on_grid.add(id(out))
             return out
+        if id(old) in self.graph.fused_into:
+            return args[0]  # folded into the Rescaling / Normalization before it
         if id(old) in self.graph.affine:
             # Integer x * a + b per channel: it reads a grid and its result
             # gets one (the ReLU's quantizer that follows, or an 8-bit one).
             out = layer(self._grid(args[0]), *args[1:], **kwargs)
-            if id(old) not in self.graph.followed_by_relu:
+            last = self.graph.fused_chain.get(id(old), [old])[-1]
+            if id(last) not in self.graph.followed_by_relu:
                 out = self._requantize(out)
             return out
         if isinstance(layer, _POOLING) and id(args[0]) not in self.on_grid:
@@ -716,8 +734,11 @@ class _Builder:
                     new.kernel_quantizer.initialize(kernel)
                 except ValueError as error:
                     raise ValueError(f"layer {old.name!r}: {error}") from None
-            elif isinstance(old, (_L.Rescaling, _L.Normalization)):
-                new.set_weights(_affine_as_batch_norm(old, new))
+            elif id(old) in self.graph.fused_into:
+                continue  # its new layer is not in the model: the chain's first holds it
+            elif isinstance(old, _FIXED_AFFINE):
+                chain = self.graph.fused_chain.get(id(old), [old])
+                new.set_weights(_affine_as_batch_norm(chain, new))
             elif old.weights:
                 new.set_weights(old.get_weights())
 
@@ -775,10 +796,8 @@ def _reaches_padding(layer) -> bool:
     )
 
 
-def _affine_as_batch_norm(layer, batch_norm) -> list[np.ndarray]:
-    """gamma, beta, moving mean and variance that make `batch_norm` compute
-    what a Rescaling or Normalization layer computes, per channel."""
-    channels = int(batch_norm.gamma.shape[0])
+def _fixed_affine(layer, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The per-channel scale and offset of a Rescaling or Normalization."""
     if isinstance(layer, _L.Rescaling):
         scale = np.asarray(layer.scale, np.float64)
         offset = np.asarray(layer.offset, np.float64)
@@ -794,12 +813,25 @@ def _affine_as_batch_norm(layer, batch_norm) -> list[np.ndarray]:
             f"layer {layer.name!r}: only a scale and offset per channel (the last axis) or "
             f"one for all can be quantized, got shapes {scale.shape} and {offset.shape}"
         )
+    return (
+        np.broadcast_to(scale.reshape(-1), (channels,)),
+        np.broadcast_to(offset.reshape(-1), (channels,)),
+    )
+
+
+def _affine_as_batch_norm(layers, batch_norm) -> list[np.ndarray]:
+    """gamma, beta, moving mean and variance that make `batch_norm` compute
+    what a chain of Rescaling / Normalization layers computes, per channel
+    (x * a1 + b1, then * a2 + b2, ...)."""
+    channels = int(batch_norm.gamma.shape[0])
+    scale, offset = np.ones(channels), np.zeros(channels)
+    for layer in layers:
+        a, b = _fixed_affine(layer, channels)
+        scale, offset = scale * a, offset * a + b
     spread = np.sqrt(1.0 + batch_norm.epsilon)
-    gamma = np.broadcast_to(scale.reshape(-1), (channels,)) * spread
-    beta = np.broadcast_to(offset.reshape(-1), (channels,))
     return [
-        gamma.astype(np.float32),
-        beta.astype(np.float32),
+        (scale * spread).astype(np.float32),
+        offset.astype(np.float32),
         np.zeros(channels, np.float32),
         np.ones(channels, np.float32),
     ]

@@ -176,24 +176,32 @@ def requantize_through_identity(x, offset, site: int = 0):
     return tf.reshape(y, (-1, channels)) if flat else y
 
 
-def global_average(x, keepdims):
-    """Global average pooling as one integer FULLY_CONNECTED over each
-    channel's values, with weights 1/(h*w) (the int8 code 127 at scale
-    1/(127*h*w)).
+# XNNPACK runs a depthwise convolution of up to 25 taps (5x5) in one pass
+# and as fast as MEAN; from 6x6 on it takes a multi-pass path 20-40x slower
+# (measured on LiteRT 2.3: 1.2 us at 5x5x480, 31 us at 6x6x480).
+_ONE_PASS_DEPTHWISE_TAPS = 25
 
-    The channels are moved in front (a TRANSPOSE, which only moves int8
-    codes) so that each channel is one row of the fully connected layer's
-    input. Like the convolutions, it sums in int32 and requantizes once,
-    onto its output's grid, inside XNNPACK. Two other lowerings were
-    measured and rejected: TFLite's int8 MEAN requantizes inexactly (up to 7
-    output steps away from the exact mean on LiteRT 2.3, with the reference
-    kernels too), and a depthwise convolution with an h x w kernel, exact
-    too, runs 40-50x slower than MEAN at 16x16 and 32x32 (it made
-    EfficientNetB0 at 64x64 more than twice as slow as its post-training
-    int8 file).
+
+def global_average(x, keepdims):
+    """Global average pooling as one integer op with weights 1/(h*w) (the int8
+    code 127 at scale 1/(127*h*w)), which sums in int32 and requantizes once,
+    onto its output's grid, inside XNNPACK:
+
+    * up to 5x5, a depthwise convolution with an h x w kernel;
+    * larger, a FULLY_CONNECTED over each channel's values, the channels
+      moved in front by a TRANSPOSE (which only moves int8 codes), since the
+      depthwise convolution is 10-40x slower there (7x7x2048, ResNet50's
+      pooling at 224x224: 247 us against 23 us).
+
+    TFLite's int8 MEAN is faster still, but requantizes its result inexactly
+    (up to 7 output steps away from the exact mean on LiteRT 2.3, with the
+    reference kernels too).
     """
     height, width, channels = (int(d) for d in x.shape[1:])
     count = height * width
+    if count <= _ONE_PASS_DEPTHWISE_TAPS:
+        y = window_average(x, (height, width), (1, 1))
+        return y if keepdims else tf.reshape(y, (-1, channels))
     weight = 1.0 / count
     kernel = tf.quantization.fake_quant_with_min_max_vars(
         tf.fill((count, 1), weight), -weight, weight, num_bits=8, narrow_range=True
