@@ -13,6 +13,7 @@ import tfquant
 from tfquant import lite
 from tfquant import quantize as quantize_module
 from tfquant.layers import QuantActivation, QuantAveragePooling2D, QuantConcatenate
+from tfquant.lite import inspect as lite_inspect
 from tfquant.lite import verify
 
 L = keras.layers
@@ -413,3 +414,40 @@ def test_hard_swish_and_raw_hard_sigmoid(scheme):
     assert any(name.endswith("_hard_sigmoid") for name in names)
     result = lite.export_model(qmodel, x_data, runtimes=("default",), allow_mismatch=True)
     _exact(result.report["verification"])
+
+
+@pytest.mark.parametrize("head", ["dense_softmax", "activation_softmax"])
+def test_softmax_head_ties_as_the_file_does(head, tmp_path):
+    """keras.applications' default head ends in softmax. TFLite's int8 SOFTMAX
+    writes probabilities on a 1/256 grid, where near-equal classes tie; the
+    Keras model rounds onto the same grid in inference (not in training), so
+    its top-1 is the file's. Before, an untrained model's top-1 agreement was
+    82% with 100% identical codes."""
+    rng = np.random.default_rng(0)
+    inputs = keras.Input((8, 8, 3))
+    x = L.GlobalAveragePooling2D()(L.Conv2D(8, 3, activation="relu")(inputs))
+    if head == "dense_softmax":
+        outputs = L.Dense(10, activation="softmax")(x)
+    else:
+        outputs = L.Activation("softmax")(L.Dense(10)(x))
+    model = keras.Model(inputs, outputs)
+    x = rng.uniform(0, 1, (256, 8, 8, 3)).astype(np.float32)
+    qmodel = tfquant.quantize_model(model, "lsq_w8a8", calibration_data=x[:64])
+    probabilities = qmodel.predict(x, verbose=0)
+    np.testing.assert_array_equal(probabilities * 256, np.round(probabilities * 256))
+    result = lite.export_model(qmodel, x, runtimes=("default",))  # default bars: 100% top-1
+    _exact(result.report["verification"])
+    assert result.report["verification"]["top1_agreement"] == 1.0
+    ops = [op["op_name"] for op in lite_inspect.ops(result.content)]
+    assert ops.count("SOFTMAX") == 1 and "DEQUANTIZE" not in ops, ops
+    # Training sees the float probabilities: a loss on them keeps its gradient.
+    in_training = keras.ops.convert_to_numpy(qmodel(x[:8], training=True))
+    assert not np.array_equal(in_training * 256, np.round(in_training * 256))
+    qmodel.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy())
+    history = qmodel.fit(x, rng.integers(0, 10, 256), epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    path = str(tmp_path / "softmax.keras")
+    qmodel.save(path)
+    np.testing.assert_array_equal(
+        keras.models.load_model(path).predict(x, verbose=0), qmodel.predict(x, verbose=0)
+    )

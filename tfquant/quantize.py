@@ -677,7 +677,7 @@ class _Builder:
             elif inline == "softmax":
                 if self.scheme.quantize_output:
                     out = self._requantize(out)
-                out = _L.Activation("softmax")(out)
+                out = _softmax(out, f"{layer.name}_softmax")
             elif self.scheme.quantize_output and id(old) in self.graph.output_layers:
                 out = self._requantize(out)
             return out
@@ -689,6 +689,8 @@ class _Builder:
             return self._swish(args[0], layer.name)
         if isinstance(layer, _L.Activation) and _name_of(layer.activation) in _HARD_SWISH:
             return self._swish(args[0], layer.name, hard=True)
+        if isinstance(layer, _L.Activation) and _name_of(layer.activation) == "softmax":
+            return _softmax(args[0], layer.name)
         if isinstance(layer, _L.Activation) and _name_of(layer.activation) == "hard_sigmoid":
             return self._hard_sigmoid(self._grid(args[0]), layer.name)
         if isinstance(layer, (QuantAdd, QuantConcatenate, QuantMultiply)):
@@ -782,6 +784,15 @@ class _Builder:
                     values.pop(id(tensor), None)  # free what no later node reads
             for tensor, value in zip(node.outputs, tf.nest.flatten(outputs), strict=True):
                 computed(tensor, value)
+
+
+def _softmax(tensor, name: str):
+    """Softmax with TFLite's int8 SOFTMAX output grid (scale 1/256, zero
+    point -128: [0, 255/256]) in inference, so that two classes the file
+    cannot tell apart tie in Keras too; training sees the float
+    probabilities."""
+    grid = quantizers.FixedRangeQuantizer(bits=8, low=0.0, high=255.0 / 256.0, inference_only=True)
+    return QuantActivation("softmax", quantizer=grid, name=name)(tensor)
 
 
 def _sigmoid_grid():

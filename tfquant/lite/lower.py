@@ -486,7 +486,8 @@ def _plan(order, consumers, int4_weights: bool) -> _Plan:
             producer = graph.producer(node.input_tensors[0])
             if (
                 isinstance(operation, QuantActivation)
-                and operation.activation_name != "sigmoid"  # LOGISTIC reads the codes
+                # LOGISTIC and SOFTMAX read the codes
+                and operation.activation_name not in ("sigmoid", "softmax")
                 and isinstance(producer, _QUANTIZING)
             ):
                 plan.after_quantizer[id(operation)] = plan.identity_site(node.input_tensors[0])

@@ -219,9 +219,15 @@ class FixedRangeQuantizer(Quantizer):
       bits: 2..8.
       low, high: the range; low <= 0 < high.
       signed: whether the range reaches below 0 (set from `low`).
+      inference_only: pass values through unchanged in training (for a
+        softmax's probabilities: the grid is the file's, but a loss on
+        probabilities rounded to 1/256 would lose its gradient).
     """
 
-    def __init__(self, bits=8, low=0.0, high=255.0 / 256.0, signed=None, **kwargs):
+    def __init__(
+        self, bits=8, low=0.0, high=255.0 / 256.0, signed=None, inference_only=False, **kwargs
+    ):
+        self.inference_only = bool(inference_only)
         low, high = float(low), float(high)
         if not (np.isfinite(low) and np.isfinite(high) and low <= 0.0 < high):
             raise ValueError(f"fixed_range needs low <= 0 < high, got low={low}, high={high}")
@@ -230,6 +236,8 @@ class FixedRangeQuantizer(Quantizer):
         self.clips_negative = low == 0.0
 
     def call(self, inputs, training=None):
+        if training and self.inference_only:
+            return inputs
         return tf.quantization.fake_quant_with_min_max_vars(
             inputs, self.low, self.high, num_bits=self.bits
         )
@@ -245,7 +253,7 @@ class FixedRangeQuantizer(Quantizer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(low=self.low, high=self.high)
+        config.update(low=self.low, high=self.high, inference_only=self.inference_only)
         config.pop("signed", None)
         return config
 
