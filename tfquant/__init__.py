@@ -1,6 +1,6 @@
 """tfquant: learned low-bit quantizers for Keras 3 and exact integer TFLite export."""
 
-from tfquant import callbacks, layers, ops, quantizers
+from tfquant import callbacks, layers, ops, optimizers, quantizers
 from tfquant.batch_norm import reestimate_batch_norm
 from tfquant.quantize import quantize_model
 from tfquant.schemes import Scheme
@@ -12,6 +12,7 @@ __all__ = [
     "callbacks",
     "layers",
     "ops",
+    "optimizers",
     "quantize_model",
     "quantizers",
     "reestimate_batch_norm",

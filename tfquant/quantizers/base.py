@@ -163,6 +163,13 @@ class Quantizer(keras.layers.Layer):
             inputs = tf.convert_to_tensor(inputs)
         return super().__call__(inputs, *args, **kwargs)
 
+    def add_weight(self, *args, **kwargs):
+        # Tagged, so that tfquant.optimizers.QuantizerAwareOptimizer finds the
+        # quantizers' parameters among a model's variables.
+        variable = super().add_weight(*args, **kwargs)
+        variable._tfquant_quantizer_variable = True
+        return variable
+
     # Quantizers hold a handful of scalars; keep their math in float32 even
     # under mixed precision.
     def _param(self, name, shape=(), initializer="zeros", trainable=True, constraint=None, **kw):
