@@ -69,11 +69,11 @@ def test_mixed_policy_keeps_float32_math(case, policy):
     rng = np.random.default_rng(0)
     shapes = shape if isinstance(shape[0], tuple) else (shape,)
     compute = policy.split("_")[1]
+    # A batch of 256 within the grids' range: enough values near half steps.
+    values = [0.3 * rng.normal(size=(256, *s[1:])).astype("float32") for s in shapes]
     inputs = [
-        keras.ops.convert_to_numpy(
-            keras.ops.cast(keras.ops.cast(rng.normal(size=s).astype("float32"), compute), "float32")
-        )
-        for s in shapes
+        keras.ops.convert_to_numpy(keras.ops.cast(keras.ops.cast(v, compute), "float32"))
+        for v in values
     ]
     single = inputs if len(inputs) > 1 else inputs[0]
     reference = cls(**kwargs)
@@ -92,3 +92,23 @@ def test_mixed_policy_keeps_float32_math(case, policy):
         )
         got = keras.ops.convert_to_numpy(keras.ops.cast(outputs, "float32"))
         np.testing.assert_array_equal(got, rounded)
+    if cls in (TL.QuantAdd, TL.QuantMultiply):
+        # The check has teeth: the sum or product computed in 16 bits lands
+        # on other codes.
+        a, b = (keras.ops.cast(v, compute) for v in inputs)
+        merged = a + b if cls is TL.QuantAdd else a * b
+        naive = reference.quantizer(keras.ops.cast(merged, "float32"))
+        assert not np.array_equal(keras.ops.convert_to_numpy(naive), expected)
+
+
+@pytest.mark.parametrize("name", quantizers.registered_names())
+def test_quantizer_takes_float64_input(name):
+    """NumPy arrays are float64: quantized in float32, as a float32 input."""
+    quantizer = quantizers.get(name, signed=_signed(name))
+    values = np.random.default_rng(1).normal(size=(2, 4, 4, 3))
+    outputs = quantizer(values)
+    assert keras.backend.standardize_dtype(outputs.dtype) == "float32"
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(outputs),
+        keras.ops.convert_to_numpy(quantizer(values.astype("float32"))),
+    )

@@ -246,9 +246,16 @@ def test_report_lists_every_change_export_makes_to_the_model(trained, digits):
     whose variables it moved, and no other layer changed."""
     qmodel = keras.models.clone_model(trained[1])
     qmodel.set_weights(trained[1].get_weights())
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    qmodel.compile(loss=loss)
+    qmodel.evaluate(digits.x_test, digits.y_test, verbose=0)  # traces evaluate's function
     before = {layer.name: [w.copy() for w in layer.get_weights()] for layer in qmodel.layers}
     result = lite.export_model(qmodel, digits.x_test, digits.y_test, **_INT4_HERE)
     changes = result.report["model_changes"]
+    # evaluate traces again: it measures the aligned model, as predict does.
+    after = qmodel.evaluate(digits.x_test, digits.y_test, verbose=0)
+    predicted = qmodel.predict(digits.x_test, verbose=0)
+    assert after == pytest.approx(float(loss(digits.y_test, predicted)), rel=1e-5)
     moved = {
         layer.name
         for layer in qmodel.layers

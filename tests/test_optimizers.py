@@ -69,12 +69,15 @@ def test_the_default_quantizer_optimizer_has_no_weight_decay():
     # the quantizers' parameters stay where they are.
     keras.utils.set_random_seed(1)
     model = _model()
-    _, quantizers = _split(model)
+    weights, quantizers = _split(model)
     before = [v.numpy().copy() for v in quantizers]
+    kernels = [v.numpy().copy() for v in weights]
     variables = model.trainable_variables
     optimizer.apply([tf.zeros_like(v) for v in variables], variables)
     for variable, old in zip(quantizers, before, strict=True):
         np.testing.assert_array_equal(variable.numpy(), old)
+    decayed = [not np.array_equal(v.numpy(), old) for v, old in zip(weights, kernels, strict=True)]
+    assert any(decayed), "the weights' optimizer decays the weights"
     with pytest.raises(ValueError, match="not both"):
         QuantizerAwareOptimizer("sgd", quantizer_optimizer="adam", quantizer_learning_rate=1e-3)
     with pytest.raises(ValueError, match=r"no \['clipnorm'\]"):
@@ -85,10 +88,19 @@ def test_saves_and_resumes_with_the_model(tmp_path):
     keras.utils.set_random_seed(2)
     model = _model()
     _fit(model, QuantizerAwareOptimizer(keras.optimizers.Adam(1e-2), quantizer_learning_rate=1e-3))
+    saved = {
+        side: [v.numpy().copy() for v in getattr(model.optimizer, side).variables]
+        for side in ("weight_optimizer", "quantizer_optimizer")
+    }
     path = str(tmp_path / "model.keras")
     model.save(path)
     loaded = keras.models.load_model(path)
     optimizer = loaded.optimizer
+    for side, values in saved.items():  # Adam's moments, each in its own optimizer
+        restored = [v.numpy() for v in getattr(optimizer, side).variables]
+        assert len(restored) == len(values) > 2, side
+        for old, new in zip(values, restored, strict=True):
+            np.testing.assert_array_equal(old, new)
     assert isinstance(optimizer, QuantizerAwareOptimizer)
     assert int(optimizer.iterations.numpy()) == 4
     rate = float(optimizer.quantizer_optimizer.learning_rate.numpy())

@@ -50,7 +50,10 @@ class QuantizerAwareOptimizer(keras.optimizers.Optimizer):
 
     `learning_rate` and `iterations` are those of `optimizer` (so
     learning-rate callbacks steer the weights' rate); both optimizers step
-    once per batch.
+    once per batch. Each applies its own options to its own variables: a
+    `global_clipnorm` clips each side's gradients apart, and weight decay
+    reaches every weight unless excluded (`exclude_from_weight_decay`; the
+    training binary excludes biases and other 1-D weights).
     """
 
     def __init__(

@@ -675,9 +675,9 @@ class _Builder:
             elif inline == "hard_sigmoid":
                 out = self._hard_sigmoid(self._grid(out), f"{layer.name}_hard_sigmoid")
             elif inline == "softmax":
-                if self.scheme.quantize_output:
-                    out = self._requantize(out)
-                out = _softmax(out, f"{layer.name}_softmax")
+                # The integer SOFTMAX reads int8 logits, also where the
+                # scheme leaves the model's output unquantized.
+                out = _softmax(self._requantize(out), f"{layer.name}_softmax")
             elif self.scheme.quantize_output and id(old) in self.graph.output_layers:
                 out = self._requantize(out)
             return out
@@ -690,7 +690,7 @@ class _Builder:
         if isinstance(layer, _L.Activation) and _name_of(layer.activation) in _HARD_SWISH:
             return self._swish(args[0], layer.name, hard=True)
         if isinstance(layer, _L.Activation) and _name_of(layer.activation) == "softmax":
-            return _softmax(args[0], layer.name)
+            return _softmax(self._grid(args[0]), layer.name)
         if isinstance(layer, _L.Activation) and _name_of(layer.activation) == "hard_sigmoid":
             return self._hard_sigmoid(self._grid(args[0]), layer.name)
         if isinstance(layer, (QuantAdd, QuantConcatenate, QuantMultiply)):

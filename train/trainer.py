@@ -317,13 +317,15 @@ def validate_config(config: TrainConfig) -> None:
 
 def keras_archive_problem(path: str) -> str | None:
     """What makes `path` not a readable `.keras` archive (a zip file holding
-    config.json and model.weights.h5), or None."""
+    config.json and the weights, model.weights.h5 or .npz), or None."""
     try:
         with zipfile.ZipFile(path) as archive:
             names = set(archive.namelist())
     except (zipfile.BadZipFile, OSError) as error:
         return f"not a .keras archive (not a readable zip file: {error})"
-    missing = sorted({"config.json", "model.weights.h5"} - names)
+    missing = [] if "config.json" in names else ["config.json"]
+    if not names & {"model.weights.h5", "model.weights.npz"}:
+        missing.append("model.weights.h5")
     if missing:
         return f"not a .keras archive (no {', '.join(missing)} inside)"
     return None

@@ -229,9 +229,18 @@ def align_levels(model: keras.Model) -> dict[str, float]:
         snapped = np.clip(np.round(levels / scale), -127, 127) * scale
         variable.assign(snapped.astype(np.float32))
         shifts[operation.name] = float((np.abs(snapped - levels) / scale).max())
-    if shifts and getattr(model, "predict_function", None) is not None:
-        model.predict_function = None
+    if shifts:
+        forget_traced_functions(model)
     return shifts
+
+
+def forget_traced_functions(model: keras.Model) -> None:
+    """Drops the model's traced predict / evaluate / train functions: they
+    hold constants (levels, requantization rules) read while tracing, so the
+    next call traces again with the current ones."""
+    for name in ("predict_function", "test_function", "train_function"):
+        if getattr(model, name, None) is not None:
+            setattr(model, name, None)
 
 
 # CPU architectures whose kernels the exporter can align a model to.
@@ -246,7 +255,8 @@ def integer_producers(model: keras.Model) -> list[tuple]:
     the kernel layer; or by the identity convolution between two quantizers
     in a row, named after the activation), "add" (a QuantAdd) or "input" (a
     kernel layer's input quantizer fed by an average pooling, which lowers
-    to a depthwise convolution named after the pooling layer), "identity" (a
+    to a depthwise convolution, or a global one over more than 5x5 to a
+    fully connected layer, named after the pooling layer), "identity" (a
     QuantActivation right after another quantizer: an identity convolution
     named after it), "pool" (a QuantAveragePooling2D), or the index
     of a QuantConcatenate's input that an identity convolution moves onto

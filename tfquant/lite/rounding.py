@@ -30,7 +30,13 @@ from tfquant.layers import (
     QuantMultiply,
 )
 from tfquant.lite import inspect as lite_inspect
-from tfquant.lite.lower import TARGETS, ExportError, input_grid, integer_producers
+from tfquant.lite.lower import (
+    TARGETS,
+    ExportError,
+    forget_traced_functions,
+    input_grid,
+    integer_producers,
+)
 from tfquant.ops import requantize as requantize_ops
 
 _KERNEL_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
@@ -185,9 +191,8 @@ def match_integer_kernels(
             layer.set_requantization(None)
         if hasattr(layer, "set_input_requantization") and layer.name not in chosen:
             layer.set_input_requantization(None)
-    # Traced predict functions hold the previous constants.
-    if getattr(model, "predict_function", None) is not None:
-        model.predict_function = None
+    # Traced predict / evaluate / train functions hold the previous constants.
+    forget_traced_functions(model)
     return chosen
 
 

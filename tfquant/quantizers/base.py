@@ -222,13 +222,14 @@ class Quantizer(keras.layers.Layer):
 def _in_float32(call):
     """Wraps a quantizer's `call`: the input is quantized in float32 (a
     16-bit float cannot hold x / step exactly enough to round it as the
-    integer file will) and the result returned in the quantizer's compute
-    dtype (float16 or bfloat16 under a mixed policy)."""
+    integer file will; a float64 input, such as a NumPy array, meets float32
+    variables) and the result returned in the quantizer's compute dtype
+    (float16 or bfloat16 under a mixed policy)."""
 
     @functools.wraps(call)
     def wrapper(self, inputs, *args, **kwargs):
         inputs = tf.convert_to_tensor(inputs)
-        if inputs.dtype in (tf.float16, tf.bfloat16):
+        if inputs.dtype.is_floating and inputs.dtype != tf.float32:  # float16/bfloat16/64
             inputs = tf.cast(inputs, tf.float32)
         outputs = call(self, inputs, *args, **kwargs)
         if self.compute_dtype != "float32":
