@@ -112,14 +112,20 @@ def test_sequential_with_inline_activations_and_softmax(data):
         "Flatten",
         "QuantDense",
         "QuantActivation",
-        "Activation",
+        "QuantActivation",
     ]
     relu = qmodel.layers[2]
     assert type(relu.quantizer).__name__ == "PACTQuantizer"
     dense = qmodel.layers[4]
     assert isinstance(dense, QuantDense) and dense.input_quantizer is None  # Flatten of a grid
+    # The softmax on the int8 SOFTMAX's grid (1/256) in inference, float in training.
+    softmax = qmodel.layers[6]
+    assert softmax.activation_name == "softmax" and softmax.quantizer.inference_only
     probabilities = qmodel.predict(data, verbose=0)
-    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(probabilities * 256, np.round(probabilities * 256))
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=10 / 512)
+    in_training = keras.ops.convert_to_numpy(qmodel(data, training=True))
+    np.testing.assert_allclose(in_training.sum(axis=1), 1.0, rtol=1e-5)
 
 
 def test_activation_quantizers_calibrated(data):

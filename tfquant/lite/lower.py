@@ -198,8 +198,12 @@ def align_biases(model: keras.Model) -> dict[str, float]:
             delta = shift if batch_norm is None else shift / batch_norm[1]
         else:
             continue
-        value = np.asarray(variable.numpy(), np.float64) + delta
-        variable.assign(value.astype(variable.dtype))
+        old = np.asarray(variable.numpy())
+        new = (old.astype(np.float64) + delta).astype(old.dtype)
+        if np.array_equal(new, old):  # already on the grid, up to float32 round-off
+            shifts[layer.name] = 0.0
+            continue
+        variable.assign(new)
         shifts[layer.name] = float(np.abs(shift).max())
     return shifts
 
