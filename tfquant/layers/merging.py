@@ -12,6 +12,7 @@ from tfquant.layers.quant_layers import (
     _requantize,
     _serialize,
     _validated_requantization,
+    in_compute_dtype,
 )
 from tfquant.ops import requantize as requantize_ops
 
@@ -65,13 +66,8 @@ class _QuantizedResult:
         return [keras.ops.cast(x, "float32") for x in inputs]
 
     def _quantized(self, values, training):
-        """The result on the quantizer's grid, in this layer's compute dtype
-        (the quantizer computes in float32; under a mixed policy the layer
-        returns float16 or bfloat16, as Keras layers do)."""
-        outputs = self.quantizer(values, training=training)
-        if outputs.dtype != self.compute_dtype:
-            outputs = keras.ops.cast(outputs, self.compute_dtype)
-        return outputs
+        """The result on the quantizer's grid, in this layer's compute dtype."""
+        return in_compute_dtype(self, self.quantizer(values, training=training))
 
     def get_config(self):
         config = super().get_config()

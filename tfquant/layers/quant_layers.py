@@ -297,6 +297,14 @@ class QuantDense(_QuantizedKernelMixin, keras.layers.Dense):
 _SUPPORTED_ACTIVATIONS = ("linear", "relu", "relu6", "softmax", "sigmoid")
 
 
+def in_compute_dtype(layer, outputs):
+    """A quantizer's float32 result in `layer`'s compute dtype: under a mixed
+    policy a layer returns float16 or bfloat16, as Keras layers do."""
+    if outputs.dtype != layer.compute_dtype:
+        outputs = keras.ops.cast(outputs, layer.compute_dtype)
+    return outputs
+
+
 def _validated_requantization(requantization):
     """A `QuantActivation.set_requantization` spec, checked and made plain (JSON);
     None for None or for a spec of the earlier approximate form (`exponents`)."""
@@ -447,20 +455,13 @@ class QuantActivation(keras.layers.Layer):
             if self.activation_name == "sigmoid":
                 # LOGISTIC reads the input's codes and looks its result up.
                 values = requantize_ops.logistic(inputs, self.requantization["input_scale"])
-                return self._in_compute_dtype(self.quantizer(values, training=training))
+                return in_compute_dtype(self, self.quantizer(values, training=training))
             # The kernel's rounding first, then its fused clamp (relu6 clamps
             # the value the kernel computed, on the output grid).
             inputs = _requantize(inputs, self.requantization)
         if not self._skip_activation:
             inputs = self.activation(inputs)
-        return self._in_compute_dtype(self.quantizer(inputs, training=training))
-
-    def _in_compute_dtype(self, outputs):
-        # The quantizer computes in float32; under a mixed policy this layer
-        # returns its compute dtype, as Keras layers do.
-        if outputs.dtype != self.compute_dtype:
-            outputs = keras.ops.cast(outputs, self.compute_dtype)
-        return outputs
+        return in_compute_dtype(self, self.quantizer(inputs, training=training))
 
     def compute_output_shape(self, input_shape):
         return input_shape
